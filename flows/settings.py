@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     link_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of download links.")
     link_secret: str | None = Field(None, description="Secret signing local download links (derived if unset).")
     max_images: int = Field(30, ge=1, description="Most images one training may use.")
+    min_images: int = Field(1, ge=1, description="Fewest usable images after cropping; fewer fails the job.")
     max_image_bytes: int = Field(20 * 1024 * 1024, description="Largest single image download.")
     max_image_pixels: int = Field(40_000_000, description="Largest decoded image (width x height).")
     fetch_timeout_s: float = Field(15.0, description="Connect/read timeout of one image download.")

@@ -1,0 +1,83 @@
+"""Typed dependencies of the routes: settings, gateway, store, the parsed body and the caller."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from api.errors import INVALID_KEY, ApiError
+from api.gateway import PrefectGateway
+from flows.registry import BaseModelEntry
+from flows.settings import Settings, hash_key
+from flows.store import ObjectStore
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a 5 MB image as base64, plus the rest of the body
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+LIST_FIELDS = {"images"}
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_gateway(request: Request) -> PrefectGateway:
+    return request.app.state.gateway
+
+
+def get_store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+def get_registry(request: Request) -> dict[str, BaseModelEntry]:
+    return request.app.state.registry
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    """The request body as a dict, from JSON or a form; empty bodies are ``{}``."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES // (1024 * 1024)} MB")
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(FORM_TYPES):
+        form = await request.form()
+        return {k: form.getlist(k) if k in LIST_FIELDS else form.get(k) for k in form.keys()}
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES // (1024 * 1024)} MB")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "request body is not valid JSON", {"body": ["not valid JSON"]}) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", {"body": ["must be a JSON object"]})
+    return body
+
+
+def _presented_key(request: Request, body: dict[str, Any]) -> str | None:
+    key = body.get("key")
+    if isinstance(key, str) and key.strip():
+        return key.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def current_owner(
+    request: Request, body: Annotated[dict[str, Any], Depends(read_body)], settings: Annotated[Settings, Depends(get_settings)]
+) -> str:
+    """The hash of the caller's API key; 401 when it is missing or unknown."""
+    key = _presented_key(request, body)
+    if key is None or hash_key(key) not in settings.api_key_hashes:
+        raise ApiError(401, INVALID_KEY)
+    return hash_key(key)
+
+
+Body = Annotated[dict[str, Any], Depends(read_body)]
+Owner = Annotated[str, Depends(current_owner)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+GatewayDep = Annotated[PrefectGateway, Depends(get_gateway)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+RegistryDep = Annotated[dict[str, BaseModelEntry], Depends(get_registry)]

@@ -1,0 +1,129 @@
+"""The facade's one door to Prefect: start, find, list and cancel training flow runs.
+
+Every training is a flow run of a deployment, named by its training id and tagged with
+``training:<id>`` and ``owner:<key hash>``: Prefect is the queue and the record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+from flows.params import TrainingParams
+
+log = logging.getLogger("dreamflow.gateway")
+
+APP_TAG = "dreamflow"
+LIST_LIMIT = 200
+
+
+class GatewayUnavailable(RuntimeError):
+    """Prefect cannot be reached, or the deployment is missing."""
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What the facade needs to know about one training's flow run."""
+
+    training_id: str
+    flow_run_id: UUID
+    state: StateType | None
+    state_message: str | None
+    created: datetime | None
+    parameters: dict[str, Any]
+
+
+def _as_training_run(run: FlowRun) -> TrainingRun:
+    return TrainingRun(
+        training_id=run.name,
+        flow_run_id=run.id,
+        state=run.state.type if run.state else None,
+        state_message=run.state.message if run.state else None,
+        created=run.created,
+        parameters=dict(run.parameters.get("params") or {}),
+    )
+
+
+def owner_tag(owner: str) -> str:
+    return f"owner:{owner}"
+
+
+def training_tag(training_id: str) -> str:
+    return f"training:{training_id}"
+
+
+class PrefectGateway:
+    """Async gateway over one long-lived Prefect client (enter it once, in the app's lifespan)."""
+
+    def __init__(self, api_url: str) -> None:
+        self._client = PrefectClient(api_url)
+        self._deployment_ids: dict[str, UUID] = {}
+
+    async def __aenter__(self) -> PrefectGateway:
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.__aexit__(*exc)
+
+    async def _deployment_id(self, name: str) -> UUID:
+        if name not in self._deployment_ids:
+            try:
+                deployment = await self._client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                raise GatewayUnavailable(f"deployment {name!r} is not registered; run `dreamflow up`") from None
+            self._deployment_ids[name] = deployment.id
+        return self._deployment_ids[name]
+
+    async def start_training(self, deployment: str, params: TrainingParams, idempotency_key: str | None) -> TrainingRun:
+        """Queue a flow run of ``deployment``; an idempotency key seen before returns the first run."""
+        async with prefect_errors():
+            run = await self._client.create_flow_run_from_deployment(
+                await self._deployment_id(deployment),
+                parameters={"params": params.model_dump(mode="json")},
+                name=params.training_id,
+                tags=[APP_TAG, training_tag(params.training_id), owner_tag(params.owner)],
+                idempotency_key=f"{params.owner}:{idempotency_key}" if idempotency_key else None,
+            )
+        return _as_training_run(run)
+
+    async def find_training(self, training_id: str, owner: str) -> TrainingRun | None:
+        """The caller's training with this id, or None (unknown ids and others' ids alike)."""
+        runs = await self._read_runs([training_tag(training_id), owner_tag(owner)], limit=1)
+        return runs[0] if runs else None
+
+    async def list_trainings(self, owner: str) -> list[TrainingRun]:
+        """The caller's trainings, newest first."""
+        runs = await self._read_runs([APP_TAG, owner_tag(owner)], limit=LIST_LIMIT)
+        return sorted(runs, key=lambda r: r.created or datetime.min, reverse=True)
+
+    async def _read_runs(self, tags: list[str], limit: int) -> list[TrainingRun]:
+        async with prefect_errors():
+            runs = await self._client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)), limit=limit
+            )
+        return [_as_training_run(r) for r in runs]
+
+
+@asynccontextmanager
+async def prefect_errors() -> AsyncIterator[None]:
+    """Map transport failures of the Prefect API to :class:`GatewayUnavailable`."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise GatewayUnavailable(f"the orchestrator (Prefect) is unreachable: {exc}") from exc
+    except PrefectHTTPStatusError as exc:
+        if exc.response.status_code >= 500:
+            raise GatewayUnavailable(f"the orchestrator (Prefect) answered {exc.response.status_code}") from exc
+        raise

@@ -1,0 +1,110 @@
+"""Derive the public training status from the flow run's state and the pipeline's records."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from prefect.client.schemas.objects import StateType
+
+from api.gateway import TrainingRun
+from api.schemas import ProgressPublic, StatusPublic
+from flows.params import StageRecord, TrainingStatus
+from flows.records import Manifest
+
+# Seconds the stages after the training loop take (convert, upload, samples, manifest) when
+# nothing better is known; the first measured jobs on a deployment are the better estimate.
+POST_TRAINING_S = 20.0
+PRE_TRAINING_S = 15.0
+
+WAITING = {None, StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED}
+ENDED_BADLY = {StateType.FAILED, StateType.CRASHED}
+CANCELLED = {StateType.CANCELLED, StateType.CANCELLING}
+
+
+def job_seconds(total_steps: int, seconds_per_step: float) -> float:
+    """Expected wall time of a whole job before it has measured its own step rate."""
+    return PRE_TRAINING_S + total_steps * seconds_per_step + POST_TRAINING_S
+
+
+def eta_text(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    return f"{minutes} minute" if minutes == 1 else f"{minutes} minutes"
+
+
+def public_status(run: TrainingRun, stage: StageRecord | None, manifest: Manifest | None) -> TrainingStatus:
+    """One of the ten status values, from what Prefect and the store say."""
+    if run.state in CANCELLED:
+        return TrainingStatus.CANCELLED
+    if run.state in ENDED_BADLY:
+        return TrainingStatus.FAILED
+    if manifest is not None:
+        return TrainingStatus.MODEL_READY
+    if run.state == StateType.COMPLETED:
+        return TrainingStatus.FAILED
+    if run.state in WAITING or stage is None:
+        return TrainingStatus.DEPLOYING_GPU
+    return stage.status if stage.status != TrainingStatus.MODEL_READY else TrainingStatus.DEPLOYING_MODEL
+
+
+def eta_seconds(status: TrainingStatus, stage: StageRecord | None, total_steps: int, seconds_per_step: float) -> float | None:
+    """Seconds left: measured step rate while training, the registry's estimate before."""
+    if status in (TrainingStatus.MODEL_READY, TrainingStatus.FAILED, TrainingStatus.CANCELLED):
+        return None
+    if status == TrainingStatus.DEPLOYING_GPU:
+        return job_seconds(total_steps, seconds_per_step)
+    if status == TrainingStatus.TRAINING_STARTED and stage is not None and stage.steps_per_s:
+        return max(0, stage.total_steps - stage.step) / stage.steps_per_s + POST_TRAINING_S
+    return POST_TRAINING_S
+
+
+def error_text(status: TrainingStatus, run: TrainingRun, stage: StageRecord | None) -> str | None:
+    if status == TrainingStatus.FAILED:
+        if stage is not None and stage.error:
+            return stage.error
+        if run.state == StateType.COMPLETED:
+            return "the run ended without publishing its model; retry the training"
+        return run.state_message or "the training failed"
+    if status == TrainingStatus.CANCELLED:
+        return "cancelled by the owner"
+    return None
+
+
+def model_links(manifest: Manifest | None, link: Callable[[str], str]) -> tuple[dict[str, object], str | None]:
+    """Download links of a finished model and its test image."""
+    if manifest is None:
+        return {}, None
+    links: dict[str, object] = {name: link(f.key) for name, f in manifest.files.items()}
+    samples = [s for s in manifest.samples if not s.key.endswith("/grid.png")]
+    grid = next((s for s in manifest.samples if s.key.endswith("/grid.png")), None)
+    links["samples"] = [link(s.key) for s in samples]
+    test_image = grid or (samples[0] if samples else None)
+    return links, link(test_image.key) if test_image else None
+
+
+def compose_status(
+    run: TrainingRun,
+    stage: StageRecord | None,
+    manifest: Manifest | None,
+    link: Callable[[str], str],
+    seconds_per_step: float,
+) -> StatusPublic:
+    """The full status answer of SPEC §2.3."""
+    status = public_status(run, stage, manifest)
+    total = (stage.total_steps if stage and stage.total_steps else None) or int(run.parameters.get("max_train_steps", 0))
+    step = total if status == TrainingStatus.MODEL_READY else (stage.step if stage else 0)
+    eta = eta_seconds(status, stage, total, seconds_per_step)
+    last_line = stage.log[-1] if stage and stage.log else "Deploying GPU, waiting for a worker"
+    data = f"{last_line}, ETA : {eta_text(eta)}" if eta is not None else last_line
+    links, test_image = model_links(manifest, link)
+    return StatusPublic(
+        messege=status.value,
+        training_status=status.value,
+        data=data if status != TrainingStatus.MODEL_READY else "model ready",
+        model_id=run.training_id,
+        progress=ProgressPublic(step=step, total_steps=total, percent=round(100.0 * step / total, 1) if total else 0.0),
+        eta_seconds=math.ceil(eta) if eta is not None else None,
+        error=error_text(status, run, stage),
+        links=links,
+        test_image=test_image,
+    )

@@ -1,0 +1,201 @@
+"""The embedded single-machine stack: Prefect server, work pool, deployments, worker, facade.
+
+``dreamflow up`` runs :func:`run_stack`; every process it starts lives in its own process group
+and is stopped (SIGTERM, then SIGKILL) when the stack gets SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from flows.settings import Settings
+
+log = logging.getLogger("dreamflow.stack")
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+STOP_GRACE_S = 10.0
+
+
+class StackError(RuntimeError):
+    """A service of the stack did not come up."""
+
+
+def bin_path(name: str) -> str:
+    """An executable of this environment (prefect, uvicorn, ...), falling back to PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def dev_key(settings: Settings) -> str:
+    """The configured first key, or a generated development key kept in the data dir."""
+    configured = [k.strip() for k in settings.api_keys.split(",") if k.strip()]
+    if configured:
+        return configured[0]
+    key_file = settings.resolved_data_dir / "dev-api-key"
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(f"dev-{secrets.token_urlsafe(18)}\n")
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+def stack_env(settings: Settings, key: str) -> dict[str, str]:
+    """Environment of every child: Prefect pointed at the stack's server, offline hub, the key."""
+    data = settings.resolved_data_dir
+    env = dict(os.environ)
+    env.update(settings_env(settings))
+    env.update({
+        "PREFECT_HOME": str(data / "prefect"),
+        "PREFECT_API_URL": settings.prefect_api,
+        "PREFECT_UI_API_URL": settings.prefect_api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+        "DREAMFLOW_DATA_DIR": str(data),
+        "DREAMFLOW_API_KEYS": settings.api_keys or key,
+        "DREAMFLOW_PROJECT_DIR": str(PROJECT_DIR),
+        "DREAMFLOW_WORK_POOL": settings.work_pool,
+    })
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as ``DREAMFLOW_*`` variables, so every child process sees the same ones."""
+    values = settings.model_dump(exclude={"api_key_hashes"}, exclude_none=True)
+    return {f"DREAMFLOW_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+            for name, value in values.items()}
+
+
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers below 500, the process exits, or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"{url}: the process exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise StackError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+@dataclass
+class Stack:
+    """The processes of one ``dreamflow up``."""
+
+    settings: Settings
+    env: dict[str, str]
+    log_dir: Path
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        """Start a long-running service in its own process group, logging to the data dir."""
+        log_file = (self.log_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(args, env=self.env, cwd=PROJECT_DIR, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes.append((name, proc))
+        log.info("started %s (pid %d), log %s", name, proc.pid, log_file.name)
+        return proc
+
+    def run(self, args: list[str], timeout_s: float = 120.0) -> None:
+        """Run a one-off command (work pool, deploy) and fail loudly with its output."""
+        done = subprocess.run(args, env=self.env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise StackError(f"{' '.join(args[:3])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM every process group, newest first; SIGKILL whatever outlives the grace period."""
+        for _, proc in reversed(self.processes):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", name)
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def start_stack(settings: Settings, workers: int = 1) -> Stack:
+    """Bring every service up and return once the facade answers."""
+    key = dev_key(settings)
+    data = settings.resolved_data_dir
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    stack = Stack(settings, stack_env(settings, key), data / "logs")
+    prefect = bin_path("prefect")
+    try:
+        if not settings.prefect_api_url:
+            server = stack.spawn("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1",
+                                                   "--port", str(settings.prefect_port)])
+            wait_http(f"{settings.prefect_api}/health", 90, server)
+        _prepare_pool_and_deployments(stack, prefect)
+        for index in range(workers):
+            stack.spawn(f"worker-{index}", [prefect, "worker", "start", "--pool", settings.work_pool,
+                                            "--type", "process", "--name", f"dreamflow-worker-{index}"])
+        facade = stack.spawn("facade", [bin_path("uvicorn"), "api.app:create_app", "--factory", "--host",
+                                        settings.api_host, "--port", str(settings.api_port), "--no-access-log"])
+        wait_http(f"http://{settings.api_host}:{settings.api_port}/docs", 60, facade)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _prepare_pool_and_deployments(stack: Stack, prefect: str) -> None:
+    pool = stack.settings.work_pool
+    done = subprocess.run([prefect, "work-pool", "inspect", pool], env=stack.env, capture_output=True, timeout=60)
+    if done.returncode != 0:
+        stack.run([prefect, "work-pool", "create", pool, "--type", "process"])
+    stack.run([prefect, "work-pool", "set-concurrency-limit", pool, str(stack.settings.gpu_slots)])
+    stack.run([prefect, "--no-prompt", "deploy", "--all"], timeout_s=180)
+
+
+def run_stack(settings: Settings, workers: int = 1) -> None:
+    """``dreamflow up``: start everything, print where it is, stop it all on SIGINT/SIGTERM."""
+    stopping = {"now": False}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    stack = start_stack(settings, workers)
+    key = dev_key(settings)
+    sys.stdout.write(
+        f"dreamflow is up\n  facade      http://{settings.api_host}:{settings.api_port}  (OpenAPI at /docs)\n"
+        f"  Prefect UI  {settings.prefect_api.removesuffix('/api')}\n  API key     {key}\n"
+        f"  logs        {stack.log_dir}\nPress Ctrl+C to stop.\n"
+    )
+    sys.stdout.flush()
+    try:
+        while not stopping["now"]:
+            for name, proc in stack.processes:
+                if proc.poll() is not None:
+                    raise StackError(f"{name} exited with code {proc.returncode}; see {stack.log_dir / name}.log")
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+        sys.stdout.write("dreamflow stopped\n")

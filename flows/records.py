@@ -1,0 +1,86 @@
+"""Storage layout of a training and the small JSON records the pipeline publishes (SPEC §4).
+
+``trainings/<id>/status.json`` is the pipeline's own account of where it is (stage, step, rate);
+``trainings/<id>/manifest.json`` is written last and makes a model complete. Light module: the
+facade reads these, the worker writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pydantic import BaseModel, Field
+
+from flows.params import StageRecord
+from flows.store import ObjectNotFound, ObjectStore
+
+LOG_LINES_KEPT = 50
+
+
+def training_prefix(training_id: str) -> str:
+    return f"trainings/{training_id}/"
+
+
+def status_key(training_id: str) -> str:
+    return f"{training_prefix(training_id)}status.json"
+
+
+def manifest_key(training_id: str) -> str:
+    return f"{training_prefix(training_id)}manifest.json"
+
+
+class StoredFile(BaseModel):
+    """One artifact in the store."""
+
+    key: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """The record that makes a model complete; written after every file it names."""
+
+    training_id: str
+    owner: str
+    method: str
+    base_model_id: str
+    family: str
+    instance_prompt: str
+    parameters: dict[str, object] = Field(default_factory=dict)
+    files: dict[str, StoredFile] = Field(default_factory=dict)
+    samples: list[StoredFile] = Field(default_factory=list)
+    final_loss: float | None = None
+    steps: int = 0
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    created_at: float = 0.0
+
+
+def read_stage(store: ObjectStore, training_id: str) -> StageRecord | None:
+    """The latest published stage record, or None before the pipeline wrote one."""
+    try:
+        return StageRecord.model_validate_json(store.get_bytes(status_key(training_id)))
+    except ObjectNotFound:
+        return None
+
+
+def write_stage(store: ObjectStore, training_id: str, record: StageRecord, line: str | None = None) -> StageRecord:
+    """Publish ``record`` (with ``line`` appended to its log) and return what was written."""
+    log = [*record.log, line][-LOG_LINES_KEPT:] if line else record.log
+    stamped = record.model_copy(update={"log": log, "updated_at": time.time()})
+    store.put_bytes(status_key(training_id), stamped.model_dump_json().encode(), "application/json")
+    return stamped
+
+
+def read_manifest(store: ObjectStore, training_id: str) -> Manifest | None:
+    """The model's manifest, or None while the model is incomplete."""
+    try:
+        return Manifest.model_validate_json(store.get_bytes(manifest_key(training_id)))
+    except ObjectNotFound:
+        return None
+
+
+def write_manifest(store: ObjectStore, manifest: Manifest) -> None:
+    """Write the manifest: the last object of a training."""
+    body = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
+    store.put_bytes(manifest_key(manifest.training_id), body, "application/json")

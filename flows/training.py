@@ -1,0 +1,57 @@
+"""The training flow: one run per training id, the stages of SPEC §3 as tasks."""
+
+from __future__ import annotations
+
+from prefect import Flow, flow
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import State
+
+from flows.params import TrainingParams, TrainingStatus
+from tasks.caption import caption_images
+from tasks.context import report_stage, run_logger
+from tasks.convert import convert_lora
+from tasks.fetch import fetch_images
+from tasks.preprocess import crop_faces
+from tasks.samples import make_samples
+from tasks.storage import publish_manifest, upload_artifacts
+from tasks.train import train_model
+
+
+def failure_reason(state: State) -> str:
+    """The words a user can act on: the exception's own message where there is one."""
+    try:
+        outcome = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - the result may be unreadable; fall back to the state message
+        outcome = None
+    if isinstance(outcome, BaseException):
+        return str(outcome) or type(outcome).__name__
+    return state.message or "the training run failed"
+
+
+def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """Flow state hook: publish why the run failed or crashed."""
+    params = flow_run.parameters.get("params") or {}
+    training_id = params.get("training_id") if isinstance(params, dict) else params.training_id
+    if training_id:
+        reason = failure_reason(state)
+        report_stage(training_id, TrainingStatus.FAILED, "failed", f"failed: {reason}", error=reason)
+
+
+@flow(
+    name="dreamflow-lora",
+    on_failure=[record_failure],
+    on_crashed=[record_failure],
+    log_prints=False,
+)
+def train_lora(params: TrainingParams) -> str:
+    """Train a LoRA from a handful of photos and publish it with its samples and manifest."""
+    run_logger().info("training %s on %s", params.training_id, params.base_model_id)
+    raw = fetch_images(params.training_id, params.images)
+    crops = crop_faces(params, raw)
+    captions = caption_images(params, crops)
+    trained = train_model(params, crops, captions)
+    exports = convert_lora(params, trained)
+    stored = upload_artifacts(params.training_id, exports, "export", announce=True)
+    samples = make_samples(params, trained)
+    stored_samples = upload_artifacts(params.training_id, samples, "samples")
+    return publish_manifest(params, trained, stored, stored_samples)

@@ -1,0 +1,62 @@
+"""What every task of the worker shares: settings, the store, the registry, work folders, stage reports."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
+
+from flows.params import StageRecord, TrainingStatus
+from flows.records import read_stage, write_stage
+from flows.registry import BaseModelEntry, load_registry, lookup
+from flows.settings import Settings, get_settings
+from flows.store import ObjectStore, store_from_settings
+
+
+@lru_cache(maxsize=1)
+def worker_settings() -> Settings:
+    """The worker process's settings, read once on first use."""
+    return get_settings()
+
+
+@lru_cache(maxsize=1)
+def worker_store() -> ObjectStore:
+    """The artifact store of this worker process."""
+    return store_from_settings(worker_settings())
+
+
+def base_model(base_model_id: str) -> BaseModelEntry:
+    """The registry entry of a base model."""
+    return lookup(load_registry(worker_settings().registry_file), base_model_id)
+
+
+def workdir(training_id: str, *parts: str) -> Path:
+    """A local scratch folder of one training (created on demand)."""
+    path = worker_settings().resolved_data_dir.joinpath("work", training_id, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_workdir(training_id: str) -> None:
+    shutil.rmtree(worker_settings().resolved_data_dir / "work" / training_id, ignore_errors=True)
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run, a plain logger outside one (tests, scripts)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("dreamflow")
+
+
+def report_stage(training_id: str, status: TrainingStatus, stage: str, message: str, **fields: object) -> None:
+    """Publish a stage change (or progress inside a stage) for the facade and log it."""
+    store = worker_store()
+    current = read_stage(store, training_id) or StageRecord()
+    updated = current.model_copy(update={"status": status, "stage": stage, **fields})
+    write_stage(store, training_id, updated, line=message)
+    run_logger().info("%s: %s", stage, message)

@@ -1,0 +1,64 @@
+"""Stage 6: upload artifacts with checksums, then the manifest last."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import time
+from pathlib import Path
+
+from prefect import task
+
+from flows.params import TrainingParams, TrainingStatus
+from flows.records import Manifest, StoredFile, training_prefix, write_manifest
+from tasks.context import base_model, remove_workdir, report_stage, worker_store
+from tasks.train import TrainOutput
+
+HASH_CHUNK = 1 << 20
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@task(name="upload-artifacts", retries=3, retry_delay_seconds=[2, 5, 15])
+def upload_artifacts(training_id: str, files: dict[str, str], folder: str, announce: bool = False) -> dict[str, StoredFile]:
+    """Put each local file under ``trainings/<id>/<folder>/``; returns name -> stored file record.
+
+    With ``announce`` the upload is reported as the model-upload stage (uploading, then uploaded).
+    """
+    if announce:
+        report_stage(training_id, TrainingStatus.UPLOADING, "uploading", f"uploading {len(files)} model files")
+    store = worker_store()
+    stored: dict[str, StoredFile] = {}
+    for name, local in files.items():
+        path = Path(local)
+        key = f"{training_prefix(training_id)}{folder}/{path.name}"
+        store.put_file(key, path, mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        stored[name] = StoredFile(key=key, size=path.stat().st_size, sha256=sha256_of(path))
+    if announce:
+        report_stage(training_id, TrainingStatus.UPLOADED, "uploaded", f"{len(stored)} model files stored")
+    return stored
+
+
+@task(name="publish-manifest", retries=3, retry_delay_seconds=[2, 5, 15])
+def publish_manifest(
+    params: TrainingParams, trained: TrainOutput, exports: dict[str, StoredFile], samples: dict[str, StoredFile]
+) -> str:
+    """Write ``manifest.json`` (the model is complete from here on) and clean the work folder."""
+    entry = base_model(params.base_model_id)
+    manifest = Manifest(
+        training_id=params.training_id, owner=params.owner, method=params.method,
+        base_model_id=params.base_model_id, family=entry.family, instance_prompt=params.instance_prompt,
+        parameters=params.model_dump(mode="json", exclude={"images", "webhook", "owner"}),
+        files=exports, samples=[samples[k] for k in sorted(samples)],
+        final_loss=trained.final_loss, steps=trained.steps, created_at=time.time(),
+    )
+    write_manifest(worker_store(), manifest)
+    report_stage(params.training_id, TrainingStatus.MODEL_READY, "ready", "model ready")
+    remove_workdir(params.training_id)
+    return params.training_id

@@ -1,0 +1,181 @@
+"""The built-in `tiny` base model: a small, randomly initialised SD-1.x-shaped pipeline.
+
+It needs no download, is identical on every machine (seeded), and is what the tests, the sandbox
+endpoints and the offline demo train on. Its training resolution is `TINY_RESOLUTION` pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+TINY_RESOLUTION = 64
+"""Training and sampling resolution of `tiny`, in pixels."""
+
+_HIDDEN = 32
+_MAX_TOKENS = 77
+_BOS = "<|startoftext|>"
+_EOS = "<|endoftext|>"
+
+
+def byte_level_alphabet() -> list[str]:
+    """The 256 GPT-2 byte-level unicode characters, in byte order."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    extra = 0
+    chars: dict[int, str] = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _tiny_vocab() -> dict[str, int]:
+    tokens = byte_level_alphabet()
+    tokens += [f"{t}</w>" for t in byte_level_alphabet()]
+    tokens += [_BOS, _EOS]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _build_tokenizer(folder: Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(_tiny_vocab(), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=_MAX_TOKENS)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _build_text_encoder(vocab_size: int, eos_token_id: int, bos_token_id: int) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_MAX_TOKENS,
+        projection_dim=_HIDDEN,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+        pad_token_id=eos_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _build_unet() -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _build_vae() -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+    )
+
+
+def _build_scheduler() -> DDPMScheduler:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def _build_into(folder: Path, seed: int) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = _build_tokenizer(folder / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = _build_text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
+    torch.manual_seed(seed)
+    unet = _build_unet()
+    torch.manual_seed(seed)
+    vae = _build_vae()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
+    """Build the `tiny` pipeline into `dest` once (diffusers folder layout) and return `dest`.
+
+    Safe to call concurrently: each caller builds into its own temporary folder beside `dest`
+    and renames it into place; a caller that loses the race discards its copy.
+    """
+    dest = Path(dest)
+    if (dest / "model_index.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        _build_into(staging, seed)
+        _move_into_place(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def _move_into_place(staging: Path, dest: Path) -> None:
+    try:
+        os.rename(staging, dest)
+        logger.info("built tiny base model at %s", dest)
+    except OSError:
+        if not (dest / "model_index.json").exists():
+            raise
+        logger.info("tiny base model at %s was built by another process", dest)

@@ -1,0 +1,117 @@
+"""End to end through the real stack: facade -> Prefect server -> process worker -> S3 (weed).
+
+Nothing is mocked: real HTTP, real MTCNN, real diffusers/peft training on the tiny model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.params import TrainingStatus
+from stackserver import KEYS, RunningStack, data_uri
+from tasks.sample_photos import write_sample_photos
+
+ORDER = [s.value for s in TrainingStatus]
+PROMPT = "photo of sks person"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_sample_photos(tmp_path_factory.mktemp("photos"), count=4)
+
+
+@pytest.fixture(scope="module")
+def photo_server(photos: list[Path]) -> Iterator[str]:
+    """Serve the photos over real HTTP on loopback, like a client's image host."""
+    handler = partial(SimpleHTTPRequestHandler, directory=str(photos[0].parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_lora_training_from_rest_call_to_loadable_weights(
+    stack: RunningStack, photos: list[Path], photo_server: str, tmp_path: Path
+) -> None:
+    images = [f"{photo_server}/{photos[0].name}", *(data_uri(p) for p in photos[1:])]
+    with stack.client() as client:
+        created = client.post("/api/v3/lora_fine_tune", json={
+            "key": KEYS[0], "instance_prompt": PROMPT, "class_prompt": "photo of person",
+            "base_model_id": "tiny", "images": images, "seed": "0", "training_type": "female",
+            "max_train_steps": "40", "lora_type": "lora", "webhook": None, "some_unknown_field": 1,
+        })
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["status"] == "success" and body["messege"] == "deploying_gpu"
+    assert body["training_id"] == body["model_id"] and len(body["training_id"]) == 10
+    assert body["data"].startswith("it will take upto ")
+
+    status, seen = stack.wait_until_done(body["training_id"], KEYS[0])
+    assert status["training_status"] == "model_ready", status
+    assert status["messege"] == "model_ready" and status["error"] is None
+    assert status["progress"] == {"step": 40, "total_steps": 40, "percent": 100.0}
+    assert seen == sorted(seen, key=ORDER.index), f"statuses went backwards: {seen}"
+    assert seen[-1] == "model_ready" and len(seen) >= 3
+
+    links = status["links"]
+    assert set(links) >= {"lora_diffusers", "lora_kohya", "samples"} and len(links["samples"]) == 2
+    diffusers_file = _download(links["lora_diffusers"], tmp_path / "pytorch_lora_weights.safetensors")
+    kohya_file = _download(links["lora_kohya"], tmp_path / "kohya.safetensors")
+    assert httpx.get(status["test_image"], timeout=10).content[:8] == b"\x89PNG\r\n\x1a\n"
+
+    manifest = json.loads(stack.store.get_bytes(f"trainings/{body['training_id']}/manifest.json"))
+    assert manifest["files"]["lora_diffusers"]["sha256"] == hashlib.sha256(diffusers_file.read_bytes()).hexdigest()
+    assert manifest["files"]["lora_kohya"]["sha256"] == hashlib.sha256(kohya_file.read_bytes()).hexdigest()
+    assert "images" not in manifest["parameters"]
+
+    from tasks.sampling import lora_output_difference
+    from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
+
+    tiny = build_tiny_sd(tmp_path / "tiny")
+    for lora in (diffusers_file, kohya_file):
+        assert lora_output_difference(str(tiny), lora, PROMPT, seed=0, resolution=TINY_RESOLUTION) > 0.5
+
+
+def _download(url: str, dest: Path) -> Path:
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200, response.text
+    dest.write_bytes(response.content)
+    return dest
+
+
+def test_list_shows_own_trainings_newest_first_and_hides_others(stack: RunningStack, photos: list[Path]) -> None:
+    request = {"instance_prompt": PROMPT, "base_model_id": "tiny", "images": [data_uri(photos[0])],
+               "max_train_steps": 1, "training_type": "null"}
+    with stack.client() as client:
+        first = client.post("/api/v3/lora_fine_tune", json={"key": KEYS[1], **request}).json()["training_id"]
+        second = client.post("/api/v3/lora_fine_tune", json={"key": KEYS[1], **request}).json()["training_id"]
+        mine = client.post("/api/v3/finetune_list", json={"key": KEYS[1]}).json()
+        theirs = client.post("/api/v3/finetune_list", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
+        foreign = client.post(f"/api/v3/fine_tune_status/{first}", json={"key": KEYS[0]})
+    assert mine["status"] == "success" and mine["messege"] == "model list"
+    assert mine["data"][:2] == [second, first]
+    assert first not in theirs["data"] and second not in theirs["data"]
+    assert foreign.status_code == 404 and foreign.json()["messege"] == "Model id not found"
+    for training_id in (first, second):
+        stack.wait_until_done(training_id, KEYS[1])
+
+
+def test_a_training_whose_images_all_fail_ends_failed_with_the_reason(stack: RunningStack) -> None:
+    not_an_image = "data:image/png;base64," + "aGVsbG8gd29ybGQ="  # "hello world"
+    with stack.client() as client:
+        created = client.post("/api/v3/lora_fine_tune", json={
+            "key": KEYS[0], "instance_prompt": PROMPT, "base_model_id": "tiny", "images": [not_an_image],
+        }).json()
+    status, _ = stack.wait_until_done(created["training_id"], KEYS[0])
+    assert status["training_status"] == "failed"
+    assert "not an image" in status["error"], status["error"]
