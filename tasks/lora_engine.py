@@ -150,11 +150,10 @@ def train_lora(
 
 def _start_session(config: LoraTrainConfig, images: Sequence[Path], captions: Sequence[str]) -> _Session:
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = _new_accelerator(config.mixed_precision)
     set_seed(config.seed)
     data = _prepare_data(config, images, captions, accelerator.device)
     unet = _load_unet_with_lora(config, _weight_dtype(config))
@@ -165,6 +164,19 @@ def _start_session(config: LoraTrainConfig, images: Sequence[Path], captions: Se
     noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained_path, subfolder="scheduler")
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
     return _Session(accelerator, unet, noise_scheduler, optimizer, lr_scheduler, data, generator)
+
+
+def _new_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator with this run's precision.
+
+    accelerate keeps its state in a process-wide singleton that refuses a second, different
+    `mixed_precision`; a worker runs many trainings, so each run starts from a fresh state.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def _weight_dtype(config: LoraTrainConfig) -> torch.dtype:
@@ -183,6 +195,7 @@ def _make_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> t
 
 
 def _load_unet_with_lora(config: LoraTrainConfig, dtype: torch.dtype) -> UNet2DConditionModel:
+    import torch
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
@@ -196,17 +209,11 @@ def _load_unet_with_lora(config: LoraTrainConfig, dtype: torch.dtype) -> UNet2DC
         target_modules=list(config.target_modules),
     )
     unet.add_adapter(lora_config)
-    cast_training_params(unet, dtype=_float32())
+    cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     return unet
-
-
-def _float32() -> torch.dtype:
-    import torch
-
-    return torch.float32
 
 
 def _prepare_data(

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,9 @@ _HIDDEN = 32
 _MAX_TOKENS = 77
 _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
+
+# Seeding and diffusers' lazy imports are process-global: threads of one process take turns.
+_BUILD_LOCK = threading.Lock()
 
 
 def byte_level_alphabet() -> list[str]:
@@ -133,12 +137,13 @@ def _build_into(folder: Path, seed: int) -> None:
     from diffusers import StableDiffusionPipeline
 
     tokenizer = _build_tokenizer(folder / "tokenizer")
-    torch.manual_seed(seed)
-    text_encoder = _build_text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
-    torch.manual_seed(seed)
-    unet = _build_unet()
-    torch.manual_seed(seed)
-    vae = _build_vae()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _build_text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
+        torch.manual_seed(seed)
+        unet = _build_unet()
+        torch.manual_seed(seed)
+        vae = _build_vae()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -161,6 +166,13 @@ def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
     dest = Path(dest)
     if (dest / "model_index.json").exists():
         return dest
+    with _BUILD_LOCK:
+        if not (dest / "model_index.json").exists():
+            _build_beside(dest, seed)
+    return dest
+
+
+def _build_beside(dest: Path, seed: int) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
@@ -168,7 +180,6 @@ def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
         _move_into_place(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return dest
 
 
 def _move_into_place(staging: Path, dest: Path) -> None:

@@ -55,6 +55,8 @@ def test_auth_and_unknown_ids(stack: RunningStack, path: str, payload: dict, hea
         ({**GOOD, "base_model_id": "no-such-model"}, "base_model_id"),
         ({**GOOD, "training_type": "dog"}, "training_type"),
         ({**GOOD, "webhook": "ftp://x"}, "webhook"),
+        ({**GOOD, "images": ["data:image/png;base64,aGVsbG8gd29ybGQ="]}, "images"),  # "hello world"
+        ({**GOOD, "images": ["data:image/png;base64,%%%not-base64"]}, "images"),
     ],
 )
 def test_invalid_create_requests_start_nothing(stack: RunningStack, payload: dict, field: str) -> None:
