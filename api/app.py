@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from api import files, routes
+from api import files, manage, routes, uploads
+from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
 from api.gateway import GatewayUnavailable, PrefectGateway
 from flows.registry import load_registry
@@ -35,9 +36,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.registry = load_registry(settings.registry_file)
         app.state.store = store_from_settings(settings)
-        async with PrefectGateway(settings.prefect_api) as gateway:
-            app.state.gateway = gateway
-            yield
+        app.state.cropper = Cropper()
+        try:
+            async with PrefectGateway(settings.prefect_api) as gateway:
+                app.state.gateway = gateway
+                yield
+        finally:
+            app.state.cropper.close()
 
     app = FastAPI(
         title="dreamflow",
@@ -48,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(GatewayUnavailable, _unavailable)
     app.add_exception_handler(StorageError, _storage_error)  # type: ignore[arg-type]
-    app.include_router(routes.router)
+    for router in (routes.router, routes.sandbox_router, manage.router, manage.sandbox_router, uploads.router):
+        app.include_router(router)
     app.include_router(files.router)
     return app

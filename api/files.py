@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse
 
 from api.deps import SettingsDep, StoreDep
 from api.errors import ApiError
-from flows.store import InvalidKey, LocalStore, verify_link
+from flows.store import InvalidKey, LocalStore, ObjectNotFound, verify_link
 
 router = APIRouter()
 
@@ -21,6 +21,6 @@ async def download(key: str, expires: int, signature: str, store: StoreDep, sett
         path = store.local_path(key)
     except InvalidKey:
         raise ApiError(403, "link invalid or expired") from None
-    if not path.is_file():
-        raise ApiError(404, "file not found")
+    except ObjectNotFound:
+        raise ApiError(404, "file not found") from None
     return FileResponse(path, filename=path.name)

@@ -19,13 +19,18 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
 
 log = logging.getLogger("dreamflow.gateway")
 
 APP_TAG = "dreamflow"
+CLEANUP_TAG = "dreamflow-cleanup"
+CLEANUP_DEPLOYMENT = "dreamflow-cleanup/cleanup"
 LIST_LIMIT = 200
+ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
+NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
 
 
 class GatewayUnavailable(RuntimeError):
@@ -107,6 +112,32 @@ class PrefectGateway:
         """The caller's trainings, newest first."""
         runs = await self._read_runs([APP_TAG, owner_tag(owner)], limit=LIST_LIMIT)
         return sorted(runs, key=lambda r: r.created or datetime.min, reverse=True)
+
+    async def cancel_training(self, run: TrainingRun) -> None:
+        """Cancel a queued run at once; ask the worker to stop a started one (Cancelling)."""
+        state = Cancelled(message="cancelled by the owner") if run.state in NOT_STARTED else Cancelling(
+            message="cancelled by the owner"
+        )
+        async with prefect_errors():
+            await self._client.set_flow_run_state(run.flow_run_id, state, force=True)
+
+    async def forget_training(self, run: TrainingRun, owner: str) -> None:
+        """Take the run out of its owner's view (the run stays in Prefect's record, marked deleted)."""
+        async with prefect_errors():
+            current = await self._client.read_flow_run(run.flow_run_id)
+            tags = [t for t in current.tags if t != owner_tag(owner)] + [f"deleted-owner:{owner}"]
+            await self._client.update_flow_run(run.flow_run_id, tags=tags)
+
+    async def start_cleanup(self, training_id: str, run: TrainingRun, reason: str) -> None:
+        """Queue the cleanup flow that waits for the run to end, then removes its artifacts."""
+        async with prefect_errors():
+            await self._client.create_flow_run_from_deployment(
+                await self._deployment_id(CLEANUP_DEPLOYMENT),
+                parameters={"training_id": training_id, "flow_run_id": str(run.flow_run_id), "reason": reason,
+                            "webhook": run.parameters.get("webhook")},
+                name=f"cleanup-{training_id}",
+                tags=[CLEANUP_TAG, f"cleanup:{training_id}"],
+            )
 
     async def _read_runs(self, tags: list[str], limit: int) -> list[TrainingRun]:
         async with prefect_errors():

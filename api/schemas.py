@@ -37,21 +37,24 @@ class ClientRequest(BaseModel):
     key: str | None = Field(None, description="API key (or send `Authorization: Bearer <key>`).")
 
 
-class LoraFineTuneRequest(ClientRequest):
-    """Body of ``/api/v3/lora_fine_tune``."""
+def _default(value: Any, default: Any) -> Any:
+    return default if _nullish(value) is None else value
+
+
+Nullable = BeforeValidator(_nullish)
+
+
+class TrainingRequest(ClientRequest):
+    """Fields shared by every create call."""
 
     instance_prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["photo of ambika0 man"])
-    class_prompt: Annotated[str | None, BeforeValidator(_nullish)] = Field(None, max_length=MAX_PROMPT_CHARS, examples=["photo of man"])
-    base_model_type: Annotated[Literal["normal", "sdxl"], BeforeValidator(lambda v: _nullish(v) or "normal")] = "normal"
-    base_model_id: Annotated[str | None, BeforeValidator(_nullish)] = Field(None, max_length=128)
-    negative_prompt: Annotated[str | None, BeforeValidator(_nullish)] = Field(None, max_length=MAX_PROMPT_CHARS)
+    class_prompt: Annotated[str | None, Nullable] = Field(None, max_length=MAX_PROMPT_CHARS, examples=["photo of man"])
+    base_model_id: Annotated[str | None, Nullable] = Field(None, max_length=128, examples=["sd-1.5"])
     images: Annotated[list[str], BeforeValidator(_image_list)] = Field(min_length=1, examples=[["https://example.com/1.jpg"]])
-    seed: Annotated[int | None, BeforeValidator(_nullish)] = Field(None, ge=0, le=2**32 - 1)
-    training_type: Annotated[Literal["men", "female", "women", "couple"] | None, BeforeValidator(_nullish)] = None
-    lora_type: Annotated[Literal["lora", "lycoris"], BeforeValidator(lambda v: _nullish(v) or "lora")] = "lora"
-    max_train_steps: Annotated[int | None, BeforeValidator(_nullish)] = Field(None, ge=1)
-    webhook: Annotated[str | None, BeforeValidator(_nullish)] = Field(None, max_length=2048)
-    idempotency_key: Annotated[str | None, BeforeValidator(_nullish)] = Field(None, max_length=255)
+    seed: Annotated[int | None, Nullable] = Field(None, ge=0, le=2**32 - 1, examples=["0"])
+    training_type: Annotated[Literal["men", "female", "women", "couple"] | None, Nullable] = Field(None, examples=["men"])
+    webhook: Annotated[str | None, Nullable] = Field(None, max_length=2048)
+    idempotency_key: Annotated[str | None, Nullable] = Field(None, max_length=255)
 
     @field_validator("images")
     @classmethod
@@ -69,6 +72,37 @@ class LoraFineTuneRequest(ClientRequest):
         return url
 
 
+
+class FineTuneRequest(TrainingRequest):
+    """Body of ``/api/v3/fine_tune`` (DreamBooth)."""
+
+    max_train_steps: Annotated[int | None, Nullable] = Field(None, ge=1, examples=["2000"])
+
+
+class FineTuneV2Request(TrainingRequest):
+    """Body of ``/api/v3/fine_tune_v2``: separate UNet / text-encoder rates and step counts."""
+
+    learning_rate_unet: Annotated[float, BeforeValidator(lambda v: _default(v, 1e-6))] = Field(1e-6, gt=0, le=1)
+    steps_unet: Annotated[int, BeforeValidator(lambda v: _default(v, 1500))] = Field(1500, ge=1)
+    learning_rate_text_encoder: Annotated[float, BeforeValidator(lambda v: _default(v, 1e-6))] = Field(1e-6, gt=0, le=1)
+    steps_text_encoder: Annotated[int, BeforeValidator(lambda v: _default(v, 350))] = Field(350, ge=0)
+
+
+class LoraFineTuneRequest(TrainingRequest):
+    """Body of ``/api/v3/lora_fine_tune``."""
+
+    base_model_type: Annotated[Literal["normal", "sdxl"], BeforeValidator(lambda v: _default(v, "normal"))] = "normal"
+    negative_prompt: Annotated[str | None, Nullable] = Field(None, max_length=MAX_PROMPT_CHARS)
+    lora_type: Annotated[Literal["lora", "lycoris"], BeforeValidator(lambda v: _default(v, "lora"))] = "lora"
+    max_train_steps: Annotated[int | None, Nullable] = Field(None, ge=1, examples=["2000"])
+
+
+class Base64CropRequest(ClientRequest):
+    """Body of ``/api/v3/base64_crop``."""
+
+    image: str = Field(min_length=1, description="A data: URI or bare base64, at most 5 MB decoded.")
+    crop: Annotated[bool, BeforeValidator(lambda v: _default(v, True))] = True
+
 class CreatedPublic(BaseModel):
     """Answer to a create call."""
 
@@ -77,6 +111,23 @@ class CreatedPublic(BaseModel):
     data: str
     training_id: str
     model_id: str
+
+
+class MessagePublic(BaseModel):
+    """Answer to cancel and delete."""
+
+    status: Literal["success"] = "success"
+    messege: str
+    data: str
+
+
+class UploadPublic(BaseModel):
+    """Answer to ``base64_crop``."""
+
+    status: Literal["success"] = "success"
+    messege: str = "image uploaded"
+    link: str
+    request_id: int
 
 
 class ProgressPublic(BaseModel):

@@ -1,4 +1,4 @@
-"""Inline images (``data:`` URIs) are checked and stored before a flow run is created.
+"""Uploaded images: ``base64_crop``, and inline ``data:`` images checked and stored before a run starts.
 
 Flow parameters carry references, never image bytes: each inline image becomes an object under
 ``trainings/<id>/inputs/`` and the request names it as ``store:<key>``.
@@ -7,8 +7,16 @@ Flow parameters carry references, never image bytes: each inline image becomes a
 from __future__ import annotations
 
 import asyncio
+import secrets
 
-from api.errors import ApiError
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from api.deps import Body, Owner, RegistryDep, SettingsDep, StoreDep
+from api.errors import ApiError, invalid_input
+from api.examples import BASE64_CROP_EXAMPLE, openapi_body
+from api.schemas import Base64CropRequest, ErrorPublic, UploadPublic
+from api.training_params import DEFAULT_BASE_MODELS
 from flows.imagebytes import STORE_SCHEME, InlineImageError, decode_base64_image
 from flows.store import ObjectStore
 
@@ -41,3 +49,31 @@ async def store_inline_images(store: ObjectStore, training_id: str, images: list
         await asyncio.to_thread(store.put_bytes, key, data, MIME[ext])
         result[index] = STORE_SCHEME + key
     return result
+
+
+BASE64_MAX_BYTES = 5 * 1024 * 1024
+router = APIRouter(prefix="/api/v3", tags=["uploads"],
+                   responses={code: {"model": ErrorPublic} for code in (400, 401, 413, 503)})
+
+
+@router.post("/base64_crop", response_model=UploadPublic, openapi_extra=openapi_body(Base64CropRequest, BASE64_CROP_EXAMPLE))
+async def base64_crop(
+    request: Request, body: Body, owner: Owner, store: StoreDep, settings: SettingsDep, registry: RegistryDep
+) -> UploadPublic:
+    """Upload one image (optionally face-cropped to the training resolution); the link works in ``images``."""
+    try:
+        req = Base64CropRequest.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_input(exc) from None
+    try:
+        data, ext = decode_base64_image(req.image, BASE64_MAX_BYTES)
+    except InlineImageError as exc:
+        status = 413 if "larger than" in str(exc) else 400
+        raise ApiError(status, f"invalid request: image: {exc}", {"image": [str(exc)]}) from None
+    if req.crop:
+        resolution = registry[DEFAULT_BASE_MODELS["normal"]].resolution
+        data, ext = await request.app.state.cropper.crop(data, resolution, settings.max_image_pixels), ".png"
+    request_id = secrets.randbelow(10**9)
+    key = f"uploads/{owner}/{request_id}{ext}"
+    await asyncio.to_thread(store.put_bytes, key, data, MIME[ext])
+    return UploadPublic(link=store.link(key, settings.link_expiry_s), request_id=request_id)

@@ -61,6 +61,7 @@ def stack_env(settings: Settings, key: str) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_CANCELLATION_POLL_SECONDS": "2",
         "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
         "DREAMFLOW_DATA_DIR": str(data),
         "DREAMFLOW_API_KEYS": settings.api_keys or key,
@@ -165,11 +166,9 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
 
 
 def _prepare_pool_and_deployments(stack: Stack, prefect: str) -> None:
-    pool = stack.settings.work_pool
-    done = subprocess.run([prefect, "work-pool", "inspect", pool], env=stack.env, capture_output=True, timeout=60)
-    if done.returncode != 0:
-        stack.run([prefect, "work-pool", "create", pool, "--type", "process"])
-    stack.run([prefect, "work-pool", "set-concurrency-limit", pool, str(stack.settings.gpu_slots)])
+    from deployments.pool import prepare_orchestration
+
+    prepare_orchestration(stack.settings.prefect_api, stack.settings.work_pool, stack.settings.gpu_slots)
     stack.run([prefect, "--no-prompt", "deploy", "--all"], timeout_s=180)
 
 

@@ -48,7 +48,9 @@ class TrainingParams(BaseModel):
     max_train_steps: int = Field(200, ge=1, description="Training steps.")
     rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(4.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
-    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Learning rate of the trained weights.")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Learning rate of the UNet (or its adapter).")
+    text_encoder_learning_rate: float = Field(1e-6, gt=0, le=1.0, description="Learning rate of the text encoder.")
+    text_encoder_steps: int = Field(0, ge=0, description="Steps the text encoder trains (DreamBooth); 0 keeps it frozen.")
     sample_count: int = Field(2, ge=0, le=8, description="Sample images generated from the trained model.")
     sample_steps: int = Field(20, ge=1, le=150, description="Denoising steps of each sample image.")
     webhook: str | None = Field(None, description="URL that receives status changes.")
@@ -64,6 +66,7 @@ class StageRecord(BaseModel):
     steps_per_s: float | None = None
     loss: float | None = None
     error: str | None = None
+    webhook: str | None = None
     log: list[str] = Field(default_factory=list)
     updated_at: float = 0.0
 

@@ -33,6 +33,7 @@ class BaseModelEntry(BaseModel):
     resolution: int = Field(gt=0)
     seconds_per_step: float = Field(0.5, gt=0)
     lora_learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    dreambooth_learning_rate: float = Field(2e-6, gt=0, le=1.0)
     description: str = ""
 
 

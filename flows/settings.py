@@ -45,6 +45,18 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, description="Largest single image download.")
     max_image_pixels: int = Field(40_000_000, description="Largest decoded image (width x height).")
     fetch_timeout_s: float = Field(15.0, description="Connect/read timeout of one image download.")
+    face_margin: float = Field(0.6, ge=0, le=4, description="Space around the face in a crop, as a fraction of the face size.")
+    duplicate_max_distance: int = Field(
+        6, ge=0, le=64, description="Perceptual-hash bits within which two crops count as near-duplicates."
+    )
+    captioner: Literal["instance", "blip"] = Field(
+        "instance", description="Caption generator: the instance prompt alone, or a BLIP model."
+    )
+    caption_model: str = Field(
+        "Salesforce/blip-image-captioning-base",
+        description="BLIP captioning model: a local folder, or a hub id when the worker is online.",
+    )
+    caption_max_new_tokens: int = Field(30, ge=1, le=200, description="Longest generated caption, in tokens.")
     max_train_steps_limit: int = Field(4000, ge=1, description="Upper bound of max_train_steps.")
     sandbox_steps: int = Field(30, ge=1, description="Training steps of a sandbox job.")
 
@@ -73,6 +85,9 @@ class Settings(BaseSettings):
             return self.link_secret.encode()
         seed = f"{self.api_keys}|{self.resolved_data_dir}".encode()
         return hashlib.sha256(b"dreamflow-links|" + seed).digest()
+
+
+GPU_CONCURRENCY_LIMIT = "dreamflow-gpu"  # the global concurrency limit training holds, sized by gpu_slots
 
 
 def hash_key(key: str) -> str:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import urllib3
 from minio import Minio
@@ -158,6 +158,10 @@ class ObjectStore(abc.ABC):
     def check(self) -> None:
         """Raise :class:`StorageUnavailable` if the backend cannot be used now."""
 
+    @abc.abstractmethod
+    def key_from_link(self, url: str) -> str | None:
+        """The key behind one of this store's own download links, or None for any other URL."""
+
 
 # --------------------------------------------------------------------------- local directory
 
@@ -276,6 +280,12 @@ class LocalStore(ObjectStore):
             except OSError:
                 return
             folder = folder.parent
+
+    def key_from_link(self, url: str) -> str | None:
+        base = f"{self.public_url}/files/"
+        if not url.startswith(base):
+            return None
+        return unquote(urlsplit(url).path.split("/files/", 1)[1])
 
     def link(self, key: str, expires_s: int) -> str:
         """A signed ``/files/`` URL on the facade, valid for ``expires_s`` seconds."""
@@ -459,6 +469,13 @@ class S3Store(ObjectStore):
         """Delete the object under ``key``."""
         with self._request(key) as client:
             client.remove_object(self.bucket, key)
+
+    def key_from_link(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        base_url = self._link_client._base_url  # noqa: SLF001 - the endpoint links are signed for
+        if parts.netloc != base_url.host or not parts.path.startswith(f"/{self.bucket}/"):
+            return None
+        return unquote(parts.path[len(self.bucket) + 2:])
 
     def link(self, key: str, expires_s: int) -> str:
         """A presigned GET URL valid for ``expires_s`` seconds (1 s to 7 days)."""

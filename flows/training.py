@@ -38,15 +38,15 @@ def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
 
 
 @flow(
-    name="dreamflow-lora",
+    name="dreamflow-training",
     on_failure=[record_failure],
     on_crashed=[record_failure],
     log_prints=False,
 )
-def train_lora(params: TrainingParams) -> str:
-    """Train a LoRA from a handful of photos and publish it with its samples and manifest."""
+def run_training(params: TrainingParams) -> str:
+    """Train a model from a handful of photos and publish it with its samples and manifest."""
     run_logger().info("training %s on %s", params.training_id, params.base_model_id)
-    raw = fetch_images(params.training_id, params.images)
+    raw = fetch_images(params)
     crops = crop_faces(params, raw)
     captions = caption_images(params, crops)
     trained = train_model(params, crops, captions)

@@ -15,6 +15,7 @@ from flows.records import read_stage, write_stage
 from flows.registry import BaseModelEntry, load_registry, lookup
 from flows.settings import Settings, get_settings
 from flows.store import ObjectStore, store_from_settings
+from tasks.webhooks import DeliveryPolicy, deliver, webhook_body
 
 
 @lru_cache(maxsize=1)
@@ -54,9 +55,23 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def report_stage(training_id: str, status: TrainingStatus, stage: str, message: str, **fields: object) -> None:
-    """Publish a stage change (or progress inside a stage) for the facade and log it."""
+    """Publish a stage change (or progress inside a stage) for the facade and log it.
+
+    A change of status is also posted to the training's webhook, when it has one.
+    """
     store = worker_store()
-    current = read_stage(store, training_id) or StageRecord()
-    updated = current.model_copy(update={"status": status, "stage": stage, **fields})
+    current = read_stage(store, training_id)
+    updated = (current or StageRecord()).model_copy(update={"status": status, "stage": stage, **fields})
     write_stage(store, training_id, updated, line=message)
     run_logger().info("%s: %s", stage, message)
+    if updated.webhook and (current is None or current.status != status):
+        notify_webhook(training_id, updated.webhook, status.value, message, updated.error)
+
+
+def notify_webhook(training_id: str, url: str, status: str, logs: str, error: str | None = None) -> None:
+    """Post one status change to a webhook (retried with backoff; a dead receiver never fails the job)."""
+    settings = worker_settings()
+    policy = DeliveryPolicy(allow_private=settings.allow_private_networks)
+    delivered = deliver(url, webhook_body(training_id, status, logs, error), settings.webhook_secret, policy)
+    if not delivered:
+        run_logger().warning("webhook %s: status %s not delivered after %d attempts", url, status, policy.attempts)

@@ -25,7 +25,7 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom in source pixels
 
 MIN_FACE_PROBABILITY = 0.9
 DETECT_MAX_SIDE = 800  # detection runs on copies no larger than this; boxes are scaled back
-CHUNK_SIZE = 8  # images decoded and held at once
+CHUNK_SIZE = 8  # images decoded, held and detected at once (one detection batch)
 
 _DECODE_ERRORS = (
     OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError
@@ -256,21 +256,25 @@ def crop_images(
     require_face: bool = True,
     max_pixels: int = 40_000_000,
     detector: MTCNN | None = None,
+    batch_size: int = CHUNK_SIZE,
 ) -> list[CropResult]:
     """Decode, crop square and resize each image to ``size`` x ``size``, saved as NN.png.
 
     "person" crops around the largest face, "couple" around the two largest, "object" the
     centre. Images that cannot be decoded, or (with ``require_face``) have no face in person
     or couple mode, are dropped with a reason; nothing is raised for a single bad image.
-    Results are in the order of ``paths``.
+    Images are decoded and detected ``batch_size`` at a time. Results are in the order of
+    ``paths``.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if mode != "object" and detector is None:
         detector = load_face_detector()
     width = max(2, len(str(max(len(paths) - 1, 0))))
     results: dict[int, CropResult] = {}
-    for start in range(0, len(paths), CHUNK_SIZE):
-        chunk = list(enumerate(paths[start : start + CHUNK_SIZE], start))
+    for start in range(0, len(paths), batch_size):
+        chunk = list(enumerate(paths[start : start + batch_size], start))
         decoded: list[tuple[int, Path, Image.Image]] = []
         for index, path in chunk:
             try:

@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from flows.imagebytes import sniff_image_extension
+from flows.netguard import IPAddress, is_allowed_address, resolve_host
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ReadOwn = Callable[[str], bytes | None]
 
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
@@ -81,31 +81,6 @@ def redact_url(url: str, max_chars: int = 200) -> str:
         netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return url if len(url) <= max_chars else url[: max_chars - 1] + "…"
-
-
-def resolve_host(host: str, port: int) -> list[IPAddress]:
-    """All addresses ``host`` resolves to (one getaddrinfo call)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    # scope ids ("fe80::1%eth0") are dropped: the address itself is what gets checked
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-
-
-def is_allowed_address(ip: IPAddress) -> bool:
-    """True for public unicast addresses; IPv4 embedded in IPv6 is judged as IPv4."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is not None:
-            return is_allowed_address(embedded)
-        if ip.is_site_local:
-            return False
-    return ip.is_global and not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
 
 
 def _pick_address(url: str, host: str, port: int, limits: FetchLimits) -> IPAddress:

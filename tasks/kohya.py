@@ -70,11 +70,17 @@ def _split_key(key: str, prefixes: Mapping[str, str]) -> tuple[str, str]:
         raise KohyaConversionError(f"cannot map LoRA key {key!r}: unknown component {component!r}")
     for diffusers_suffix, kohya_suffix in WEIGHT_SUFFIXES.items():
         if rest.endswith("." + diffusers_suffix):
-            module_path = rest.removesuffix("." + diffusers_suffix)
-            if component.startswith("text_encoder") and not module_path.startswith(TEXT_MODEL_SCOPE):
-                module_path = TEXT_MODEL_SCOPE + module_path
-            return f"{prefixes[component]}_{module_path.replace('.', '_')}", kohya_suffix
+            return kohya_module_name(component, rest.removesuffix("." + diffusers_suffix), prefixes), kohya_suffix
     raise KohyaConversionError(f"cannot map LoRA key {key!r}: not a LoRA down/up weight")
+
+
+def kohya_module_name(component: str, module_path: str, prefixes: Mapping[str, str] = COMPONENT_PREFIXES) -> str:
+    """`unet`, `a.b.to_q` → `lora_unet_a_b_to_q`; text encoders always carry `text_model.`."""
+    if component not in prefixes:
+        raise KohyaConversionError(f"unknown component {component!r} for module {module_path!r}")
+    if component.startswith("text_encoder") and not module_path.startswith(TEXT_MODEL_SCOPE):
+        module_path = TEXT_MODEL_SCOPE + module_path
+    return f"{prefixes[component]}_{module_path.replace('.', '_')}"
 
 
 def kohya_metadata(

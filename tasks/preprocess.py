@@ -1,7 +1,10 @@
-"""Stage 2: decode, face-crop and store the training crops."""
+"""Stage 2: decode, face-crop, drop near-duplicates, store the training crops and report on them."""
 
 from __future__ import annotations
 
+import io
+import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +12,8 @@ from prefect import task
 
 from flows.params import TrainingParams, TrainingStatus
 from tasks.context import base_model, report_stage, run_logger, worker_settings, worker_store, workdir
+from tasks.crop_report import ReportRow, contact_sheet, markdown_report, report_rows, summary_line
+from tasks.dedupe import drop_near_duplicates
 
 
 class TooFewImages(RuntimeError):
@@ -22,28 +27,82 @@ def crop_mode(params: TrainingParams) -> Literal["person", "couple", "object"]:
     return "couple" if params.training_type == "couple" else "person"
 
 
+def report_prefix(training_id: str) -> str:
+    """Where the crop report of a training is stored."""
+    return f"trainings/{training_id}/report/"
+
+
+def artifact_key(training_id: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{training_id}".lower()).strip("-")
+
+
+def publish_artifacts(training_id: str, markdown: str, image_url: str | None) -> None:
+    """Show the report in the Prefect UI; does nothing outside a Prefect run.
+
+    Artifacts are a view on a report already stored with the training, so a failure to create
+    one is logged and does not fail the task.
+    """
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return
+    try:
+        create_markdown_artifact(markdown, key=artifact_key(training_id, "crop-report"),
+                                 description="Kept and dropped training images")
+        if image_url:
+            create_image_artifact(image_url, key=artifact_key(training_id, "contact-sheet"),
+                                  description="The training crops")
+    except Exception as exc:  # noqa: BLE001 - boundary to the Prefect API; the report is stored anyway
+        run_logger().warning("could not publish the crop report as Prefect artifacts: %s", exc)
+
+
+def store_report(training_id: str, rows: list[ReportRow], crop_dir: Path) -> str | None:
+    """Store the report (JSON) and the contact sheet (PNG); return a link to the sheet."""
+    settings, store = worker_settings(), worker_store()
+    prefix = report_prefix(training_id)
+    body = json.dumps([row.as_dict() for row in rows], indent=2).encode()
+    store.put_bytes(f"{prefix}crops.json", body, "application/json")
+    if not any(row.crop for row in rows):
+        return None
+    buffer = io.BytesIO()
+    contact_sheet(rows, crop_dir).save(buffer, format="PNG")
+    store.put_bytes(f"{prefix}contact_sheet.png", buffer.getvalue(), "image/png")
+    return store.link(f"{prefix}contact_sheet.png", settings.link_expiry_s)
+
+
 @task(name="crop-faces")
 def crop_faces(params: TrainingParams, raw_paths: list[str]) -> list[str]:
-    """Square crops at the base model's resolution; images without a usable face are dropped."""
+    """Square crops at the base model's resolution, without faceless images or near-duplicates.
+
+    Every dropped image is logged with its reason and listed in the stored report, the Prefect
+    artifacts and the stage log; fewer than ``min_images`` remaining fails the run clearly.
+    """
     from tasks import faces  # torch + MTCNN: only in the worker
 
     settings = worker_settings()
     entry = base_model(params.base_model_id)
     report_stage(params.training_id, TrainingStatus.DEPLOYING_GPU, "cropping", f"cropping {len(raw_paths)} images")
+    crop_dir = workdir(params.training_id, "crops")
     results = faces.crop_images(
-        [Path(p) for p in raw_paths],
-        workdir(params.training_id, "crops"),
-        size=entry.resolution,
-        mode=crop_mode(params),
-        max_pixels=settings.max_image_pixels,
+        [Path(p) for p in raw_paths], crop_dir, size=entry.resolution, mode=crop_mode(params),
+        margin=settings.face_margin, max_pixels=settings.max_image_pixels,
     )
-    dropped = [r for r in results if not r.kept]
-    for result in dropped:
-        run_logger().warning("image %s dropped: %s", result.source.name, result.reason)
-    kept = [r.path for r in results if r.kept and r.path is not None]
+    cropped = [r.path for r in results if r.kept and r.path is not None]
+    kept, duplicates = drop_near_duplicates(cropped, settings.duplicate_max_distance)
+    rows = report_rows(results, duplicates)
+    for row in rows:
+        if not row.kept:
+            run_logger().warning("image %s dropped: %s", row.source, row.reason)
+    sheet_url = store_report(params.training_id, rows, crop_dir)
+    publish_artifacts(params.training_id, markdown_report(rows, sheet_url), sheet_url)
+    for duplicate in duplicates:
+        duplicate.path.unlink(missing_ok=True)
+    summary = summary_line(rows)
+    report_stage(params.training_id, TrainingStatus.DEPLOYING_GPU, "cropped", summary)
     if len(kept) < settings.min_images:
-        reasons = "; ".join(f"{r.source.name}: {r.reason}" for r in dropped)
-        raise TooFewImages(f"only {len(kept)} usable image(s), at least {settings.min_images} needed ({reasons})")
+        raise TooFewImages(f"only {len(kept)} usable image(s), at least {settings.min_images} needed ({summary})")
     store = worker_store()
     for path in kept:
         store.put_file(f"trainings/{params.training_id}/crops/{path.name}", path, "image/png")

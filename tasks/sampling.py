@@ -1,8 +1,9 @@
-"""Sample images from a base model, with or without a trained LoRA."""
+"""Sample images from a base model (SD 1.x/2.x or SDXL), with or without a trained adapter."""
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -16,23 +17,41 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(model_dir: str, lora_file: Path | None = None) -> StableDiffusionPipeline:
-    """The base pipeline (float32 on CPU, float16 on CUDA), with `lora_file` loaded if given."""
+def pipeline_family(model_dir: str, family: str | None = None) -> str:
+    """`family` if given, else "sdxl" when the folder's model_index.json names an XL pipeline, else "sd15"."""
+    if family is not None:
+        return family
+    index = Path(model_dir) / "model_index.json"
+    if index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", ""):
+        return "sdxl"
+    return "sd15"
+
+
+def load_pipeline(
+    model_dir: str, lora_file: Path | None = None, family: str | None = None
+) -> StableDiffusionPipeline:
+    """The pipeline (float32 on CPU, float16 on CUDA), with the adapter at `lora_file` loaded if given.
+
+    `lora_file` may be a diffusers or kohya LoRA or a dreamflow LoHa/LoKr file.
+    """
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from tasks.adapters import apply_adapter_file
 
     cuda = torch.cuda.is_available()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir,
-        dtype=torch.float16 if cuda else torch.float32,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    dtype = torch.float16 if cuda else torch.float32
+    if pipeline_family(model_dir, family) == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to("cuda" if cuda else "cpu")
     if lora_file is not None:
-        lora_file = Path(lora_file)
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    return pipe.to("cuda" if cuda else "cpu")
+        apply_adapter_file(pipe, Path(lora_file))
+    return pipe
 
 
 def render(
@@ -70,9 +89,14 @@ def generate_samples(
     resolution: int,
     dest_dir: Path,
     steps: int = 20,
+    family: str | None = None,
 ) -> list[Path]:
-    """Generate `count` PNG samples into `dest_dir` and return their paths."""
-    pipe = load_pipeline(model_dir, lora_file)
+    """Generate `count` PNG samples into `dest_dir` and return their paths.
+
+    `model_dir` is a base model (with `lora_file`) or a trained dreambooth pipeline folder (no
+    `lora_file`); `family` defaults to what its model_index.json says.
+    """
+    pipe = load_pipeline(model_dir, lora_file, family)
     try:
         images = render(pipe, prompt, negative_prompt, count, seed, resolution, steps)
     finally:
@@ -116,18 +140,39 @@ def _open_rgb(path: Path) -> Image:
 def lora_output_difference(
     model_dir: str, lora_file: Path, prompt: str, seed: int, resolution: int, steps: int = 10
 ) -> float:
-    """Mean absolute pixel difference (0..255) between base and base+LoRA images, same seed."""
-    import numpy as np
+    """Mean absolute pixel difference (0..255) between base and base+adapter images, same seed."""
+    from tasks.adapters import apply_adapter_file
 
     pipe = load_pipeline(model_dir)
     try:
         base = render(pipe, prompt, None, 1, seed, resolution, steps)[0]
-        pipe.load_lora_weights(str(Path(lora_file).parent), weight_name=Path(lora_file).name)
+        apply_adapter_file(pipe, Path(lora_file))
         tuned = render(pipe, prompt, None, 1, seed, resolution, steps)[0]
     finally:
         del pipe
         _release_memory()
-    difference = np.abs(np.asarray(base, dtype=np.float32) - np.asarray(tuned, dtype=np.float32))
+    return _mean_abs_difference(base, tuned)
+
+
+def pipeline_output_difference(
+    base_dir: str, tuned_dir: str, prompt: str, seed: int, resolution: int, steps: int = 10
+) -> float:
+    """Mean absolute pixel difference (0..255) between two pipelines' images (e.g. base vs dreambooth)."""
+    images = []
+    for model_dir in (base_dir, tuned_dir):
+        pipe = load_pipeline(model_dir)
+        try:
+            images.append(render(pipe, prompt, None, 1, seed, resolution, steps)[0])
+        finally:
+            del pipe
+            _release_memory()
+    return _mean_abs_difference(*images)
+
+
+def _mean_abs_difference(first: Image, second: Image) -> float:
+    import numpy as np
+
+    difference = np.abs(np.asarray(first, dtype=np.float32) - np.asarray(second, dtype=np.float32))
     return float(difference.mean())
 
 

@@ -1,4 +1,4 @@
-"""The built-in `tiny` base model: a small, randomly initialised SD-1.x-shaped pipeline.
+"""The built-in `tiny` and `tiny-sdxl` base models: small, randomly initialised SD-1.x/SDXL-shaped pipelines.
 
 It needs no download, is identical on every machine (seeded), and is what the tests, the sandbox
 endpoints and the offline demo train on. Its training resolution is `TINY_RESOLUTION` pixels.
@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 TINY_RESOLUTION = 64
 """Training and sampling resolution of `tiny`, in pixels."""
+
+TINY_SDXL_RESOLUTION = 64
+"""Training and sampling resolution of `tiny-sdxl`, in pixels."""
+
+_TIME_EMBED = 8
 
 _HIDDEN = 32
 _MAX_TOKENS = 77
@@ -67,8 +73,10 @@ def _build_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def _build_text_encoder(vocab_size: int, eos_token_id: int, bos_token_id: int) -> CLIPTextModel:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _build_text_encoder(
+    vocab_size: int, eos_token_id: int, bos_token_id: int, with_projection: bool = False
+) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -82,13 +90,23 @@ def _build_text_encoder(vocab_size: int, eos_token_id: int, bos_token_id: int) -
         bos_token_id=bos_token_id,
         pad_token_id=eos_token_id,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _build_unet() -> UNet2DConditionModel:
+def _build_unet(sdxl: bool = False) -> UNet2DConditionModel:
+    """The tiny UNet; for SDXL it takes both encoders' hidden states and the "text_time" added embedding
+    (pooled projection + 6 time ids of `_TIME_EMBED` channels each)."""
     from diffusers import UNet2DConditionModel
 
+    extra: dict[str, object] = {}
+    if sdxl:
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": _TIME_EMBED,
+            "projection_class_embeddings_input_dim": 6 * _TIME_EMBED + _HIDDEN,
+        }
     return UNet2DConditionModel(
+        **extra,
         sample_size=TINY_RESOLUTION // 4,
         in_channels=4,
         out_channels=4,
@@ -96,7 +114,7 @@ def _build_unet() -> UNet2DConditionModel:
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=_HIDDEN,
+        cross_attention_dim=2 * _HIDDEN if sdxl else _HIDDEN,
         attention_head_dim=8,
         norm_num_groups=32,
     )
@@ -157,26 +175,66 @@ def _build_into(folder: Path, seed: int) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def _build_sdxl_into(folder: Path, seed: int) -> None:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = _build_tokenizer(folder / "tokenizer")
+    tokenizer_2 = _build_tokenizer(folder / "tokenizer_2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _build_text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = _build_text_encoder(
+            len(tokenizer_2), tokenizer_2.eos_token_id, tokenizer_2.bos_token_id, with_projection=True
+        )
+        torch.manual_seed(seed)
+        unet = _build_unet(sdxl=True)
+        torch.manual_seed(seed)
+        vae = _build_vae()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_build_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_sdxl(dest: Path, seed: int = 0) -> Path:
+    """Build the `tiny-sdxl` pipeline (two tiny CLIP encoders, "text_time" UNet) into `dest` once."""
+    return _build_once(dest, seed, _build_sdxl_into)
+
+
 def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
     """Build the `tiny` pipeline into `dest` once (diffusers folder layout) and return `dest`.
 
     Safe to call concurrently: each caller builds into its own temporary folder beside `dest`
     and renames it into place; a caller that loses the race discards its copy.
     """
+    return _build_once(dest, seed, _build_into)
+
+
+def _build_once(dest: Path, seed: int, builder: Callable[[Path, int], None]) -> Path:
     dest = Path(dest)
     if (dest / "model_index.json").exists():
         return dest
     with _BUILD_LOCK:
         if not (dest / "model_index.json").exists():
-            _build_beside(dest, seed)
+            _build_beside(dest, seed, builder)
     return dest
 
 
-def _build_beside(dest: Path, seed: int) -> None:
+def _build_beside(dest: Path, seed: int, builder: Callable[[Path, int], None]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        _build_into(staging, seed)
+        builder(staging, seed)
         _move_into_place(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,13 +7,20 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import task
+from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel
 
 from flows.params import TrainingParams, TrainingStatus
+from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
 from tasks.context import base_model, report_stage, workdir
 from tasks.models import resolve_pretrained
 
 REPORT_INTERVAL_S = 1.0
+
+
+
+class UnsupportedMethod(RuntimeError):
+    """A training method this worker cannot run."""
 
 
 class TrainOutput(BaseModel):
@@ -55,6 +62,8 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     """Train a LoRA on the crops; returns the path of the diffusers-format weights."""
     from tasks.lora_engine import LoraTrainConfig, train_lora  # torch, diffusers, peft
 
+    if params.method != "lora":
+        raise UnsupportedMethod(f"{params.method} training is not available on this worker yet")
     entry = base_model(params.base_model_id)
     pretrained = resolve_pretrained(entry)
     report_stage(
@@ -65,11 +74,12 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
         pretrained_path=pretrained, resolution=entry.resolution, rank=params.rank, alpha=params.alpha,
         learning_rate=params.learning_rate, max_train_steps=params.max_train_steps, seed=params.seed,
     )
-    started = time.monotonic()
-    result = train_lora(
-        config, [Path(p) for p in crop_paths], captions, workdir(params.training_id, "lora"),
-        on_progress=progress_reporter(params.training_id, started),
-    )
+    with concurrency(GPU_LIMIT, occupy=1):  # one GPU slot per training, across all workers
+        started = time.monotonic()
+        result = train_lora(
+            config, [Path(p) for p in crop_paths], captions, workdir(params.training_id, "lora"),
+            on_progress=progress_reporter(params.training_id, started),
+        )
     report_stage(
         params.training_id, TrainingStatus.TRAINING_SUCCESS, "trained",
         f"Training finished: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}",

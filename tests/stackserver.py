@@ -15,6 +15,7 @@ from flows.store import S3Store
 from s3server import WeedS3Server, free_ports
 
 KEYS = ("test-key-alice", "test-key-bob")
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"dreamflow-test-webhook-secret-32b").decode()
 TERMINAL = {"model_ready", "failed", "cancelled"}
 
 
@@ -31,6 +32,7 @@ class RunningStack:
             api_keys=",".join(KEYS), data_dir=data_dir, api_port=api_port, prefect_port=prefect_port,
             storage="s3", s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
             s3_bucket="dreamflow-e2e", allow_private_networks=True, work_pool="dreamflow-test",
+            webhook_secret=WEBHOOK_SECRET, sandbox_steps=10,
         )
         stack = start_stack(settings)
         store = S3Store(endpoint=s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
@@ -53,8 +55,16 @@ class RunningStack:
         response.raise_for_status()
         return int(response.json())
 
-    def wait_until_done(self, training_id: str, key: str, timeout_s: float = 300) -> tuple[dict, list[str]]:
-        """Poll the status endpoint to a terminal status; returns it and every status seen."""
+    def flow_run(self, training_id: str) -> dict:
+        """A training's flow run as the Prefect server's REST API describes it."""
+        response = httpx.post(f"{self.settings.prefect_api}/flow_runs/filter", timeout=10,
+                              json={"flow_runs": {"name": {"any_": [training_id]}}, "limit": 1})
+        response.raise_for_status()
+        return response.json()[0]
+
+    def wait_until_done(self, training_id: str, key: str, timeout_s: float = 300,
+                        until: set[str] = TERMINAL) -> tuple[dict, list[str]]:
+        """Poll the status endpoint until one of ``until``; returns the status and every status seen."""
         seen: list[str] = []
         deadline = time.monotonic() + timeout_s
         with self.client() as client:
@@ -62,9 +72,9 @@ class RunningStack:
                 body = client.post(f"/api/v3/fine_tune_status/{training_id}", json={"key": key}).json()
                 if not seen or seen[-1] != body["training_status"]:
                     seen.append(body["training_status"])
-                if body["training_status"] in TERMINAL:
+                if body["training_status"] in until | TERMINAL:
                     return body, seen
-                time.sleep(0.5)
+                time.sleep(0.25)
         raise AssertionError(f"{training_id} not done after {timeout_s} s; statuses {seen}; logs in {self.stack.log_dir}")
 
 

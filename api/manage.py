@@ -1,0 +1,81 @@
+"""Status, list, cancel and delete (SPEC §2.3-2.4)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from prefect.client.schemas.objects import StateType
+
+from api.deps import GatewayDep, Owner, RegistryDep, SettingsDep, StoreDep
+from api.errors import NOT_FOUND, ApiError
+from api.examples import KEY_ONLY_EXAMPLE, openapi_body
+from api.gateway import ACTIVE, PrefectGateway, TrainingRun
+from api.schemas import ClientRequest, ErrorPublic, ListPublic, MessagePublic, StatusPublic
+from api.status import compose_status
+from flows.records import read_manifest, read_stage
+
+ERRORS = {code: {"model": ErrorPublic} for code in (401, 404, 409, 503)}
+KEY_BODY = openapi_body(ClientRequest, KEY_ONLY_EXAMPLE)
+router = APIRouter(prefix="/api/v3", responses=ERRORS, tags=["manage"])
+sandbox_router = APIRouter(prefix="/api/sandbox/v3", responses=ERRORS, tags=["sandbox"])
+CANCELLED = {StateType.CANCELLED, StateType.CANCELLING}
+
+
+async def owned_run(gateway: PrefectGateway, training_id: str, owner: str) -> TrainingRun:
+    """The caller's training, or 404 for unknown ids and other callers' ids alike."""
+    run = await gateway.find_training(training_id, owner) if len(training_id) <= 64 else None
+    if run is None:
+        raise ApiError(404, NOT_FOUND)
+    return run
+
+
+@router.post("/fine_tune_status/{training_id}", response_model=StatusPublic, openapi_extra=KEY_BODY)
+async def fine_tune_status(
+    training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep, settings: SettingsDep, registry: RegistryDep
+) -> StatusPublic:
+    """Status, progress, ETA, error and links of one of the caller's trainings."""
+    run = await owned_run(gateway, training_id, owner)
+    stage, manifest = await asyncio.gather(
+        asyncio.to_thread(read_stage, store, training_id), asyncio.to_thread(read_manifest, store, training_id)
+    )
+    entry = registry.get(str(run.parameters.get("base_model_id")))
+    return compose_status(run, stage, manifest, lambda key: store.link(key, settings.link_expiry_s),
+                          entry.seconds_per_step if entry else 1.0)
+
+
+sandbox_router.add_api_route("/fine_tune_status/{training_id}", fine_tune_status, methods=["POST"],
+                             response_model=StatusPublic, openapi_extra=KEY_BODY)
+
+
+@router.post("/finetune_list", response_model=ListPublic, openapi_extra=KEY_BODY)
+async def finetune_list(owner: Owner, gateway: GatewayDep) -> ListPublic:
+    """Ids of the caller's trainings, newest first."""
+    return ListPublic(data=[run.training_id for run in await gateway.list_trainings(owner)])
+
+
+async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep) -> MessagePublic:
+    """Cancel a queued or running training; its partial artifacts are removed afterwards."""
+    run = await owned_run(gateway, training_id, owner)
+    if run.state not in CANCELLED:
+        if run.state not in ACTIVE:
+            state = run.state.value.lower() if run.state else "finished"
+            raise ApiError(409, f"training {training_id} already ended ({state}); only queued or running trainings can be cancelled")
+        await gateway.cancel_training(run)
+        await gateway.start_cleanup(training_id, run, "cancelled")
+    return MessagePublic(messege="training cancelled", data=f"training {training_id} cancelled")
+
+
+for _path in ("/cancle_training/{training_id}", "/cancel_training/{training_id}"):
+    router.add_api_route(_path, cancel_training, methods=["POST"], response_model=MessagePublic, openapi_extra=KEY_BODY)
+
+
+@router.post("/finetune/delete/{training_id}", response_model=MessagePublic, openapi_extra=KEY_BODY)
+async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep) -> MessagePublic:
+    """Cancel the training if it runs, forget its id at once, and remove every stored artifact."""
+    run = await owned_run(gateway, training_id, owner)
+    await gateway.forget_training(run, owner)
+    if run.state in ACTIVE:
+        await gateway.cancel_training(run)
+    await gateway.start_cleanup(training_id, run, "deleted")
+    return MessagePublic(messege="model deleted", data=f"model {training_id} deleted; its files are being removed")

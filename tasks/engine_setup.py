@@ -1,0 +1,176 @@
+"""Building one training session: accelerator, trainable UNet (adapter or full), optimizer, schedules."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.adapters import adapter_config
+from tasks.engine_config import ADAPTER_METHODS, TrainConfig
+from tasks.engine_data import Dataset, build_dataset
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """Everything the loop touches."""
+
+    accelerator: Accelerator
+    unet: UNet2DConditionModel
+    text_encoder: Any | None
+    noise_scheduler: DDPMScheduler
+    optimizer: Any
+    lr_scheduler: Any
+    instance: Dataset
+    prior: Dataset | None
+    generator: torch.Generator
+    input_dtype: torch.dtype
+
+
+def start_session(
+    config: TrainConfig,
+    images: Sequence[Path],
+    captions: Sequence[str],
+    class_images: Sequence[Path] | None,
+) -> Session:
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    accelerator = new_accelerator(config.mixed_precision)
+    set_seed(config.seed)
+    device = accelerator.device
+    instance = build_dataset(config, images, captions, device)
+    prior = None
+    if class_images:
+        prior = build_dataset(config, class_images, [config.class_prompt or ""] * len(class_images), device)
+    gc.collect()
+    unet = load_trainable_unet(config)
+    text_encoder = load_trainable_text_encoder(config)
+    optimizer = make_optimizer(config, unet, text_encoder)
+    lr_scheduler = make_lr_scheduler(optimizer, config)
+    if text_encoder is not None:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained_path, subfolder="scheduler")
+    seed = config.seed + accelerator.process_index  # each process draws different batches
+    generator = torch.Generator(device=device).manual_seed(seed)
+    input_dtype = weight_dtype(config.mixed_precision) if config.method in ADAPTER_METHODS else torch.float32
+    return Session(
+        accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_scheduler, instance, prior, generator,
+        input_dtype,
+    )
+
+
+def new_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator with this run's precision.
+
+    accelerate keeps its state in a process-wide singleton that refuses a second, different
+    `mixed_precision`; a worker runs many trainings, so each run starts from a fresh state.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def load_trainable_unet(config: TrainConfig) -> UNet2DConditionModel:
+    """Adapters: frozen UNet in the mixed-precision dtype + fp32 adapter. Dreambooth: whole fp32 UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import cast_training_params
+
+    adapter = config.method in ADAPTER_METHODS
+    dtype = weight_dtype(config.mixed_precision) if adapter else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(config.pretrained_path, subfolder="unet", dtype=dtype)
+    if adapter:
+        unet.requires_grad_(False)
+        unet.add_adapter(adapter_config(config.method, config.rank, float(config.alpha), list(config.target_modules)))
+        cast_training_params(unet, dtype=torch.float32)
+    else:
+        unet.requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet
+
+
+def load_trainable_text_encoder(config: TrainConfig) -> Any | None:
+    """The fp32 text encoder when it trains for some steps (dreambooth, SD 1.x/2.x), else None."""
+    if config.text_encoder_steps == 0:
+        return None
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(config.pretrained_path, subfolder="text_encoder")
+    encoder.requires_grad_(True)
+    encoder.train()
+    return encoder
+
+
+def make_optimizer(config: TrainConfig, unet: Any, text_encoder: Any | None) -> Any:
+    """AdamW (8-bit when bitsandbytes and CUDA allow it) with one group per model and learning rate."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    if text_encoder is not None:
+        groups.append({"params": list(text_encoder.parameters()), "lr": config.text_encoder_learning_rate})
+    return _adamw_class(config.use_8bit_adam)(groups, lr=config.learning_rate)
+
+
+def _adamw_class(want_8bit: bool) -> Any:
+    import torch
+
+    if want_8bit and torch.cuda.is_available():
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+            return bnb.optim.AdamW8bit
+        except ImportError:
+            logger.info("bitsandbytes is not installed; using torch AdamW")
+    return torch.optim.AdamW
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Learning-rate multiplier after `step` scheduler steps: linear warm-up, then constant or cosine."""
+    warmup = config.lr_warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if config.lr_scheduler == "constant":
+        return 1.0
+    span = max(1, config.max_train_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_lr_scheduler(optimizer: Any, config: TrainConfig) -> Any:
+    import functools
+
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config=config))
+
+
+def named_trainable(session: Session) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by a stable name (`unet.` / `text_encoder.` prefixes)."""
+    unwrap = session.accelerator.unwrap_model
+    named = {f"unet.{n}": p for n, p in unwrap(session.unet).named_parameters() if p.requires_grad}
+    if session.text_encoder is not None:
+        named.update({f"text_encoder.{n}": p for n, p in unwrap(session.text_encoder).named_parameters()})
+    return named

@@ -1,0 +1,318 @@
+"""The training loop for every method: `train(config, images, captions, output_dir, ...)`.
+
+The algorithm is that of diffusers' `examples/dreambooth/train_dreambooth{,_lora,_lora_sdxl}.py`:
+noise-prediction MSE on cached VAE latents (optionally min-SNR weighted, with offset noise),
+plus `prior_loss_weight` x the same loss on class images when prior preservation is on. Only
+the adapter (lora/loha/lokr) or the whole UNet (dreambooth, and the text encoder for its first
+`text_encoder_steps`) trains. Under `accelerate launch` each process trains on its own batches
+and gradients are averaged; only the main process saves checkpoints and weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.adapters import save_adapter
+from tasks.checkpoints import Checkpoint, CheckpointStore, capture_rng, load_latest, restore_rng, save_checkpoint
+from tasks.engine_config import (
+    ADAPTER_METHODS,
+    ProgressCallback,
+    ProgressEvent,
+    StopCheck,
+    TrainConfig,
+    TrainingCancelled,
+    TrainResult,
+    check_finite,
+)
+from tasks.engine_data import Dataset
+from tasks.engine_setup import Session, named_trainable, start_session
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    config: TrainConfig,
+    images: Sequence[Path],
+    captions: Sequence[str],
+    output_dir: Path,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+    checkpoints: CheckpointStore | None = None,
+    class_images: Sequence[Path] | None = None,
+) -> TrainResult:
+    """Train on `images` (one caption each), save the result into `output_dir`, and describe it.
+
+    With `checkpoints`, a checkpoint goes to the store every `config.checkpoint_every` steps and
+    a run that finds one there resumes from it. With `class_images`, prior preservation is on.
+    """
+    if len(images) == 0 or len(images) != len(captions):
+        raise ValueError(f"need one caption per image, got {len(images)} images and {len(captions)} captions")
+    if class_images and not config.class_prompt:
+        raise ValueError("class images need config.class_prompt")
+    started = time.perf_counter()
+    session = start_session(config, images, captions, class_images)
+    try:
+        start_step, losses = _resume(session, checkpoints)
+        losses = _run_loop(session, config, start_step, losses, on_progress, should_stop, checkpoints)
+        adapter_file, pipeline_dir = _save_result(session, config, Path(output_dir))
+    finally:
+        _free(session)
+    adapter = config.method in ADAPTER_METHODS
+    return TrainResult(
+        method=config.method,
+        family=config.family,
+        adapter_file=adapter_file,
+        pipeline_dir=pipeline_dir,
+        rank=config.rank if adapter else 0,
+        alpha=float(config.alpha) if adapter else 0.0,
+        steps=config.max_train_steps,
+        resumed_from=start_step,
+        final_loss=losses[-1][1],
+        losses=losses,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _resume(session: Session, checkpoints: CheckpointStore | None) -> tuple[int, list[tuple[int, float]]]:
+    """Load the latest checkpoint into the session; (step it reached, its loss history)."""
+    import torch
+
+    checkpoint = load_latest(checkpoints) if checkpoints is not None else None
+    if checkpoint is None:
+        return 0, []
+    named = named_trainable(session)
+    if set(named) != set(checkpoint.trainable):
+        raise ValueError(f"checkpoint at {checkpoints.prefix} does not match this run's trainable weights")
+    with torch.no_grad():
+        for name, param in named.items():
+            param.copy_(checkpoint.trainable[name].to(param.device, param.dtype))
+    session.optimizer.load_state_dict(checkpoint.optimizer)
+    session.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
+    restore_rng(checkpoint.rng, session.generator)
+    logger.info("resumed from the checkpoint at step %d", checkpoint.step)
+    return checkpoint.step, list(checkpoint.losses)
+
+
+def _run_loop(
+    session: Session,
+    config: TrainConfig,
+    start_step: int,
+    losses: list[tuple[int, float]],
+    on_progress: ProgressCallback | None,
+    should_stop: StopCheck | None,
+    checkpoints: CheckpointStore | None,
+) -> list[tuple[int, float]]:
+    import torch
+
+    total = config.max_train_steps
+    window = torch.zeros((), device=session.accelerator.device)
+    window_steps, loop_started = 0, time.perf_counter()
+    for step in range(start_step + 1, total + 1):
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled(f"training cancelled at step {step - 1} of {total}")
+        _freeze_text_encoder_when_done(session, config, step)
+        window += _optimisation_step(session, config, step).detach().float()
+        window_steps += 1
+        if step % config.report_every == 0 or step == total:
+            rate = (step - start_step) / max(time.perf_counter() - loop_started, 1e-9)
+            losses.append((step, _report(float((window / window_steps).item()), step, total, rate, on_progress)))
+            window.zero_()
+            window_steps = 0
+        if checkpoints is not None and config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+            _checkpoint(session, checkpoints, step, losses)
+    return losses
+
+
+def _report(value: float, step: int, total: int, rate: float, on_progress: ProgressCallback | None) -> float:
+    check_finite(value, step, total)
+    logger.info("step %d/%d loss %.5f (%.2f steps/s)", step, total, value, rate)
+    if on_progress is not None:
+        on_progress(ProgressEvent(step=step, total=total, loss=value, steps_per_second=rate))
+    return value
+
+
+def _checkpoint(session: Session, target: CheckpointStore, step: int, losses: list[tuple[int, float]]) -> None:
+    if not session.accelerator.is_main_process:
+        return
+    checkpoint = Checkpoint(
+        step=step,
+        trainable={name: param.detach().float() for name, param in named_trainable(session).items()},
+        optimizer=session.optimizer.state_dict(),
+        lr_scheduler=session.lr_scheduler.state_dict(),
+        rng=capture_rng(session.generator),
+        losses=list(losses),
+    )
+    logger.info("checkpoint at step %d -> %s", step, save_checkpoint(target, checkpoint))
+
+
+def _freeze_text_encoder_when_done(session: Session, config: TrainConfig, step: int) -> None:
+    """After `text_encoder_steps`, freeze the text encoder and re-cache embeddings with it, once."""
+    import torch
+
+    encoder = session.text_encoder
+    if encoder is None or step <= config.text_encoder_steps or not encoder.training:
+        return
+    encoder.eval()
+    encoder.requires_grad_(False)
+    with torch.no_grad():
+        for dataset in (session.instance, session.prior):
+            if dataset is not None:
+                dataset.embeddings = encoder(dataset.input_ids)[0].float()
+
+
+def _optimisation_step(session: Session, config: TrainConfig, step: int) -> torch.Tensor:
+    accelerator = session.accelerator
+    total_loss = None
+    for _ in range(config.gradient_accumulation_steps):
+        loss = _compute_loss(session, config) / config.gradient_accumulation_steps
+        accelerator.backward(loss)
+        total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+    params = [p for group in session.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    session.optimizer.step()
+    session.lr_scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    return total_loss
+
+
+def _draw(dataset: Dataset, count: int, gen: torch.Generator) -> dict[str, Any]:
+    import torch
+
+    device = dataset.latent_mean.device
+    index = torch.randint(0, len(dataset), (count,), generator=gen, device=device)
+    mean, std = dataset.latent_mean[index], dataset.latent_std[index]
+    batch: dict[str, Any] = {
+        "latents": mean + std * torch.randn(mean.shape, generator=gen, device=device),
+        "embeddings": dataset.embeddings[index],
+        "input_ids": dataset.input_ids[index],
+    }
+    if dataset.pooled is not None:
+        batch["pooled"], batch["time_ids"] = dataset.pooled[index], dataset.time_ids[index]
+    return batch
+
+
+def _merge(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {key: torch.cat([first[key], second[key]]) for key in first}
+
+
+def _compute_loss(session: Session, config: TrainConfig) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
+    gen, count = session.generator, config.train_batch_size
+    batch = _draw(session.instance, count, gen)
+    if session.prior is not None:
+        batch = _merge(batch, _draw(session.prior, count, gen))
+    latents = batch["latents"]
+    noise = _sample_noise(latents, config.offset_noise, gen)
+    scheduler = session.noise_scheduler
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device
+    ).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = _predict(session, batch, noisy, timesteps)
+    target = _target(scheduler, latents, noise, timesteps)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config.snr_gamma is not None:
+        per_sample = per_sample * _min_snr_weights(scheduler, timesteps, config.snr_gamma)
+    if session.prior is None:
+        return per_sample.mean()
+    return per_sample[:count].mean() + config.prior_loss_weight * per_sample[count:].mean()
+
+
+def _predict(session: Session, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    dtype = session.input_dtype
+    encoder = session.text_encoder
+    if encoder is not None and encoder.training:
+        embeddings = encoder(batch["input_ids"])[0]
+    else:
+        embeddings = batch["embeddings"]
+    added = None
+    if "pooled" in batch:
+        added = {"text_embeds": batch["pooled"].to(dtype), "time_ids": batch["time_ids"].to(dtype)}
+    return session.unet(
+        noisy.to(dtype), timesteps, encoder_hidden_states=embeddings.to(dtype), added_cond_kwargs=added,
+        return_dict=False,
+    )[0]
+
+
+def _sample_noise(latents: torch.Tensor, offset: float, gen: torch.Generator) -> torch.Tensor:
+    import torch
+
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+    if offset > 0:
+        batch, channels = latents.shape[:2]
+        noise = noise + offset * torch.randn((batch, channels, 1, 1), generator=gen, device=latents.device)
+    return noise
+
+
+def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+
+def _min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), per sample."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def _save_result(session: Session, config: TrainConfig, output_dir: Path) -> tuple[Path | None, Path | None]:
+    """(adapter file, None) for adapters; (None, pipeline folder) for dreambooth."""
+    accelerator = session.accelerator
+    accelerator.wait_for_everyone()
+    unet = accelerator.unwrap_model(session.unet)
+    if config.method in ADAPTER_METHODS:
+        path = save_adapter(unet, config.method, config.family, output_dir)
+        return path, None
+    pipeline_dir = output_dir / "pipeline"
+    if accelerator.is_main_process:
+        _save_pipeline(config, unet, session.text_encoder and accelerator.unwrap_model(session.text_encoder), pipeline_dir)
+    return None, pipeline_dir
+
+
+def _save_pipeline(config: TrainConfig, unet: Any, text_encoder: Any | None, dest: Path) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    components: dict[str, Any] = {"unet": unet}
+    if text_encoder is not None:
+        components["text_encoder"] = text_encoder
+    if config.family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(config.pretrained_path, **components)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            config.pretrained_path, safety_checker=None, requires_safety_checker=False, **components
+        )
+    pipe.save_pretrained(dest, safe_serialization=True)
+    del pipe
+
+
+def _free(session: Session) -> None:
+    import torch
+
+    session.accelerator.free_memory()
+    session.unet = session.text_encoder = session.optimizer = session.lr_scheduler = None  # type: ignore[assignment]
+    session.instance = session.prior = None  # type: ignore[assignment]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
