@@ -75,9 +75,12 @@ def model_links(manifest: Manifest | None, link: Callable[[str], str]) -> tuple[
     if manifest is None:
         return {}, None
     links: dict[str, object] = {name: link(f.key) for name, f in manifest.files.items()}
-    samples = [s for s in manifest.samples if not s.key.endswith("/grid.png")]
-    grid = next((s for s in manifest.samples if s.key.endswith("/grid.png")), None)
+    named = {s.key.rsplit("/", 1)[-1]: s for s in manifest.samples}
+    grid, curve = named.pop("grid.png", None), named.pop("loss_curve.png", None)
+    samples = [named[name] for name in sorted(named)]
     links["samples"] = [link(s.key) for s in samples]
+    if curve is not None:
+        links["loss_curve"] = link(curve.key)
     test_image = grid or (samples[0] if samples else None)
     return links, link(test_image.key) if test_image else None
 

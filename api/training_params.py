@@ -12,7 +12,7 @@ from flows.registry import BaseModelEntry
 from flows.settings import Settings
 
 DEFAULT_BASE_MODELS = {"normal": "sd-1.5", "sdxl": "sdxl"}
-TRAINABLE_FAMILIES = {"sd15", "sd2"}
+TRAINABLE_FAMILIES = {"sd15", "sd2", "sdxl"}
 ID_ALPHABET = string.ascii_letters + string.digits
 SANDBOX_MODEL = "tiny"
 
@@ -56,10 +56,8 @@ def _common(req: TrainingRequest, owner: str, settings: Settings, entry: BaseMod
 
 def lora_params(req: LoraFineTuneRequest, owner: str, settings: Settings, entry: BaseModelEntry) -> TrainingParams:
     """Flow parameters of a LoRA request."""
-    if req.lora_type != "lora":
-        raise bad_field("lora_type", "lycoris training is not available on this deployment yet; use 'lora'")
     return TrainingParams(
-        **_common(req, owner, settings, entry), method="lora", negative_prompt=req.negative_prompt,
+        **_common(req, owner, settings, entry), method=req.lora_type, negative_prompt=req.negative_prompt,
         max_train_steps=_steps(req.max_train_steps, len(req.images), settings),
         learning_rate=entry.lora_learning_rate,
     )
@@ -79,6 +77,8 @@ def dreambooth_v2_params(req: FineTuneV2Request, owner: str, settings: Settings,
     steps = _steps(req.steps_unet, len(req.images), settings, "steps_unet")
     if req.steps_text_encoder > steps:
         raise bad_field("steps_text_encoder", f"at most steps_unet ({steps})")
+    if req.steps_text_encoder and entry.family == "sdxl":
+        raise bad_field("steps_text_encoder", "text-encoder training is not available for SDXL models; send 0")
     return TrainingParams(
         **_common(req, owner, settings, entry), method="dreambooth", max_train_steps=steps,
         learning_rate=req.learning_rate_unet, text_encoder_learning_rate=req.learning_rate_text_encoder,

@@ -35,20 +35,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_photos(folder: Path) -> list[Path]:
-    """10 RGB photos of 1024 x 1024, each holding one real face (skimage photos, upscaled/composed)."""
+    """10 RGB photos of 1024 x 1024, each holding one real face (skimage photos, upscaled/composed).
+
+    astronaut and camera whole, mirrored and zoomed on the face; four LFW faces (25 px originals,
+    upscaled) on a grey background, at a size where MTCNN finds each of them.
+    """
     sources = [Image.open(p).convert("RGB") for p in write_sample_photos(folder / "src", sample_photo_count())]
+    astronaut, camera, faces = sources[0], sources[1], sources[2:6]
+    variants = [astronaut, camera, ImageOps.mirror(astronaut), ImageOps.mirror(camera),
+                astronaut.crop((64, 0, 448, 384)), camera.crop((96, 0, 448, 352))]
+    photos = [v.resize((SIDE, SIDE), Image.Resampling.LANCZOS) for v in variants]
+    for face in faces:
+        photo = Image.new("RGB", (SIDE, SIDE), (128, 128, 128))
+        photo.paste(face.resize((480, 480), Image.Resampling.LANCZOS), (200, 200))
+        photos.append(photo)
     paths = []
-    for index in range(COUNT):
-        source = sources[index % len(sources)]
-        if index >= len(sources):
-            source = ImageOps.mirror(source)
-        if source.width >= 500:  # astronaut, camera: the whole photo upscaled
-            photo = source.resize((SIDE, SIDE), Image.Resampling.LANCZOS)
-        else:  # a small face on a grey-gradient background, at a varying place and size
-            photo = Image.linear_gradient("L").resize((SIDE, SIDE)).convert("RGB")
-            side = 360 + 60 * (index % 4)
-            offset = (80 + 70 * index, 120 + 40 * index)
-            photo.paste(source.resize((side, side), Image.Resampling.LANCZOS), offset)
+    for index, photo in enumerate(photos[:COUNT]):
         path = folder / f"{index:02d}.png"
         photo.save(path)
         paths.append(path)

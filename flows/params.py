@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 TrainingType = Literal["men", "female", "women", "couple"]
-Method = Literal["lora", "lycoris", "dreambooth"]
+Method = Literal["lora", "lycoris", "loha", "lokr", "dreambooth"]
 
 
 class TrainingStatus(StrEnum):
@@ -37,7 +37,7 @@ class TrainingParams(BaseModel):
 
     training_id: str = Field(description="Id handed to the client (also the model id).", min_length=4, max_length=32)
     owner: str = Field("ui", description="Owner: the hash of the API key that created it, or a name for UI runs.")
-    method: Method = Field("lora", description="lora, lycoris (LoHa/LoKr) or dreambooth (full fine-tune).")
+    method: Method = Field("lora", description="lora, lycoris (= loha), loha, lokr or dreambooth (full fine-tune).")
     instance_prompt: str = Field(description="Prompt naming the subject, e.g. 'photo of sks person'.", min_length=1)
     class_prompt: str | None = Field(None, description="Prompt naming the class, e.g. 'photo of person'.")
     negative_prompt: str | None = Field(None, description="Negative prompt for the sample images.")
@@ -51,6 +51,7 @@ class TrainingParams(BaseModel):
     learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Learning rate of the UNet (or its adapter).")
     text_encoder_learning_rate: float = Field(1e-6, gt=0, le=1.0, description="Learning rate of the text encoder.")
     text_encoder_steps: int = Field(0, ge=0, description="Steps the text encoder trains (DreamBooth); 0 keeps it frozen.")
+    half_precision: bool = Field(False, description="Export DreamBooth checkpoints in fp16 (half the size).")
     sample_count: int = Field(2, ge=0, le=8, description="Sample images generated from the trained model.")
     sample_steps: int = Field(20, ge=1, le=150, description="Denoising steps of each sample image.")
     webhook: str | None = Field(None, description="URL that receives status changes.")

@@ -34,6 +34,7 @@ class BaseModelEntry(BaseModel):
     seconds_per_step: float = Field(0.5, gt=0)
     lora_learning_rate: float = Field(1e-4, gt=0, le=1.0)
     dreambooth_learning_rate: float = Field(2e-6, gt=0, le=1.0)
+    class_images: int = Field(50, ge=0, description="Prior-preservation images for DreamBooth (0: none).")
     description: str = ""
 
 

@@ -9,7 +9,7 @@ from prefect.states import State
 from flows.params import TrainingParams, TrainingStatus
 from tasks.caption import caption_images
 from tasks.context import report_stage, run_logger
-from tasks.convert import convert_lora
+from tasks.convert import convert_weights
 from tasks.fetch import fetch_images
 from tasks.preprocess import crop_faces
 from tasks.samples import make_samples
@@ -50,7 +50,7 @@ def run_training(params: TrainingParams) -> str:
     crops = crop_faces(params, raw)
     captions = caption_images(params, crops)
     trained = train_model(params, crops, captions)
-    exports = convert_lora(params, trained)
+    exports = convert_weights(params, trained)
     stored = upload_artifacts(params.training_id, exports, "export", announce=True)
     samples = make_samples(params, trained)
     stored_samples = upload_artifacts(params.training_id, samples, "samples")

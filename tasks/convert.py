@@ -1,7 +1,13 @@
-"""Stage 5: convert the trained LoRA to the formats people load."""
+"""Stage 5: convert the trained weights to the formats people load.
+
+LoRA: diffusers file + kohya/A1111/ComfyUI file. LyCORIS (LoHa/LoKr): the peft adapter file + the
+A1111/ComfyUI LyCORIS layout. DreamBooth: a single-file LDM checkpoint + the diffusers folder (zip).
+"""
 
 from __future__ import annotations
 
+import shutil
+import zipfile
 from pathlib import Path
 
 from prefect import task
@@ -10,19 +16,57 @@ from flows.params import TrainingParams, TrainingStatus
 from tasks.context import report_stage, workdir
 from tasks.train import TrainOutput
 
-KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
-
-@task(name="convert-lora")
-def convert_lora(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
-    """Export the diffusers LoRA and its kohya/A1111/ComfyUI twin; returns name -> local path."""
+def kohya_lora(params: TrainingParams, trained: TrainOutput, export_dir: Path) -> dict[str, str]:
     from tasks.kohya import save_kohya_lora
 
-    report_stage(params.training_id, TrainingStatus.COMPRESSING, "converting", "converting to diffusers and kohya formats")
-    export_dir = workdir(params.training_id, "export")
     kohya = save_kohya_lora(
-        Path(trained.lora_file), export_dir / f"{params.training_id}.safetensors",
+        Path(trained.weights), export_dir / f"{params.training_id}.safetensors",
         alpha=trained.alpha, rank=trained.rank, base_model=params.base_model_id, family=trained.family,
         extra_metadata={"ss_training_comment": params.instance_prompt, "ss_steps": str(trained.steps)},
     )
-    return {"lora_diffusers": trained.lora_file, "lora_kohya": str(kohya)}
+    return {"lora_diffusers": trained.weights, "lora_kohya": str(kohya)}
+
+
+def lycoris(params: TrainingParams, trained: TrainOutput, export_dir: Path) -> dict[str, str]:
+    from safetensors.torch import load_file
+
+    from tasks.lycoris_export import save_lycoris
+
+    exported = save_lycoris(
+        load_file(trained.weights), export_dir / f"{params.training_id}.safetensors", method=trained.method,
+        alpha=trained.alpha, rank=trained.rank, base_model=params.base_model_id, family=trained.family,
+        extra_metadata={"ss_training_comment": params.instance_prompt, "ss_steps": str(trained.steps)},
+    )
+    return {"lora_diffusers": trained.weights, "lora_kohya": str(exported)}
+
+
+def zip_folder(folder: Path, dest: Path) -> Path:
+    """The folder as one zip (stored: safetensors do not compress), written beside and then renamed."""
+    partial = dest.with_suffix(".partial")
+    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    shutil.move(partial, dest)
+    return dest
+
+
+def dreambooth(params: TrainingParams, trained: TrainOutput, export_dir: Path) -> dict[str, str]:
+    from tasks.single_file import save_single_file
+
+    checkpoint = save_single_file(Path(trained.weights), export_dir / f"{params.training_id}.safetensors",
+                                  family=trained.family, half=params.half_precision)
+    folder = zip_folder(Path(trained.weights), export_dir / f"{params.training_id}-diffusers.zip")
+    return {"checkpoint": str(checkpoint), "diffusers": str(folder)}
+
+
+EXPORTERS = {"lora": kohya_lora, "loha": lycoris, "lokr": lycoris, "dreambooth": dreambooth}
+
+
+@task(name="convert-weights")
+def convert_weights(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
+    """Export the trained weights in every format of its method; returns link name -> local path."""
+    report_stage(params.training_id, TrainingStatus.COMPRESSING, "converting",
+                 f"converting the {trained.method} weights to the export formats")
+    return EXPORTERS[trained.method](params, trained, workdir(params.training_id, "export"))

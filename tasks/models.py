@@ -14,9 +14,12 @@ def resolve_pretrained(entry: BaseModelEntry) -> str:
     """A local diffusers folder or hub id for ``entry`` (building builtin models on first use)."""
     kind, ref = entry.source.kind, entry.source.ref
     if kind == "builtin":
-        from tasks.tiny_models import build_tiny_sd
+        from tasks.tiny_models import build_tiny_sd, build_tiny_sdxl
 
-        return str(build_tiny_sd(worker_settings().resolved_data_dir / "models" / ref))
+        builders = {"tiny": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl}
+        if ref not in builders:
+            raise UnsupportedSource(f"base model {entry.id!r}: no builtin model named {ref!r}")
+        return str(builders[ref](worker_settings().resolved_data_dir / "models" / ref))
     if kind in ("hub", "folder"):
         return ref
     raise UnsupportedSource(f"base model {entry.id!r}: source kind {kind!r} is not supported for training yet")

@@ -99,7 +99,9 @@ def _draw_axes(
     draw.text(((left + right) / 2, bottom + 20), "step", fill=_AXIS, font=font, anchor="ma")
 
 
-def _draw_line(draw: ImageDraw.ImageDraw, pixels: list[tuple[float, float]], colour: tuple[int, int, int], width: int) -> None:
+def _draw_line(
+    draw: ImageDraw.ImageDraw, pixels: list[tuple[float, float]], colour: tuple[int, int, int], width: int
+) -> None:
     if len(pixels) == 1:
         x, y = pixels[0]
         draw.ellipse([(x - width - 1, y - width - 1), (x + width + 1, y + width + 1)], fill=colour)

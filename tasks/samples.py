@@ -13,16 +13,20 @@ from tasks.train import TrainOutput
 
 @task(name="make-samples")
 def make_samples(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
-    """Generate ``sample_count`` images with the instance prompt; returns name -> local PNG path."""
+    """Sample images with the instance prompt, their grid and the loss curve; returns name -> local PNG path."""
+    from tasks.report_plots import loss_curve_png
     from tasks.sampling import generate_samples, make_grid
 
     report_stage(params.training_id, TrainingStatus.DEPLOYING_MODEL, "sampling", "generating sample images")
-    if params.sample_count == 0:
-        return {}
     dest = workdir(params.training_id, "samples")
+    pictures = {"loss_curve": str(loss_curve_png(trained.losses, dest / "loss_curve.png"))}
+    if params.sample_count == 0:
+        return pictures
+    full_model = trained.method == "dreambooth"
     paths = generate_samples(
-        trained.pretrained, Path(trained.lora_file), params.instance_prompt, params.negative_prompt,
-        params.sample_count, params.seed, trained.resolution, dest, steps=params.sample_steps,
+        trained.weights if full_model else trained.pretrained, None if full_model else Path(trained.weights),
+        params.instance_prompt, params.negative_prompt, params.sample_count, params.seed, trained.resolution,
+        dest, steps=params.sample_steps, family=trained.family,
     )
     grid = make_grid(paths, dest / "grid.png")
-    return {"grid": str(grid), **{f"sample_{i}": str(p) for i, p in enumerate(paths)}}
+    return {**pictures, "grid": str(grid), **{f"sample_{i}": str(p) for i, p in enumerate(paths)}}

@@ -303,7 +303,8 @@ def component_table(
 
 
 def with_text_model_scope(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Keys with the `text_model.` level: transformers ≥ 5.6 saves `CLIPTextModel` without its `text_model.` level; LDM keys have it."""
+    """Keys with the `text_model.` level, which LDM keys have: transformers ≥ 5.6 saves
+    `CLIPTextModel` without it (`CLIPTextModelWithProjection` still has it)."""
     return {
         key if key.startswith("text_model.") or key.startswith("text_projection.") else f"text_model.{key}": value
         for key, value in state_dict.items()

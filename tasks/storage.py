@@ -11,6 +11,7 @@ from prefect import task
 
 from flows.params import TrainingParams, TrainingStatus
 from flows.records import Manifest, StoredFile, training_prefix, write_manifest
+from tasks.artifacts import publish_model_artifacts
 from tasks.context import base_model, remove_workdir, report_stage, worker_store
 from tasks.train import TrainOutput
 
@@ -58,7 +59,10 @@ def publish_manifest(
         files=exports, samples=[samples[k] for k in sorted(samples)],
         final_loss=trained.final_loss, steps=trained.steps, created_at=time.time(),
     )
-    write_manifest(worker_store(), manifest)
+    store = worker_store()
+    store.delete_prefix(f"{training_prefix(params.training_id)}checkpoints/")  # the model is complete without them
+    write_manifest(store, manifest)
+    publish_model_artifacts(manifest, store)
     report_stage(params.training_id, TrainingStatus.MODEL_READY, "ready", "model ready")
     remove_workdir(params.training_id)
     return params.training_id

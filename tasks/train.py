@@ -4,89 +4,125 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prefect import task
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel
 
 from flows.params import TrainingParams, TrainingStatus
-from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
-from tasks.context import base_model, report_stage, workdir
+from flows.records import training_prefix
+from flows.registry import BaseModelEntry
+from flows.settings import GPU_CONCURRENCY_LIMIT
+from tasks.context import base_model, report_stage, worker_settings, worker_store, workdir
 from tasks.models import resolve_pretrained
 
+if TYPE_CHECKING:
+    from tasks.engine_config import ProgressEvent, TrainConfig
+
 REPORT_INTERVAL_S = 1.0
-
-
-
-class UnsupportedMethod(RuntimeError):
-    """A training method this worker cannot run."""
+LYCORIS_ALGORITHM = "loha"  # what lora_type=lycoris trains: LoHa, the LyCORIS algorithm A1111/ComfyUI load most widely
 
 
 class TrainOutput(BaseModel):
     """What training produced: a reference to the weights and the figures of the run."""
 
-    lora_file: str
+    method: str
+    weights: str  # the adapter file (lora/loha/lokr) or the diffusers pipeline folder (dreambooth)
     pretrained: str
     family: str
     resolution: int
     rank: int
     alpha: float
     steps: int
+    resumed_from: int | None
     final_loss: float
     losses: list[tuple[int, float]]
     seconds: float
 
 
-def progress_reporter(training_id: str, started: float) -> Callable[[int, int, float], None]:
-    """An ``on_progress(step, total, loss)`` that publishes at most once per interval."""
+def progress_reporter(training_id: str) -> Callable[[ProgressEvent], None]:
+    """An ``on_progress`` that publishes step, loss and the measured rate at most once per interval."""
     last = [0.0]
 
-    def on_progress(step: int, total: int, loss: float) -> None:
+    def on_progress(event: ProgressEvent) -> None:
         now = time.monotonic()
-        if now - last[0] < REPORT_INTERVAL_S and step < total:
+        if now - last[0] < REPORT_INTERVAL_S and event.step < event.total:
             return
         last[0] = now
-        rate = step / max(now - started, 1e-6)
         report_stage(
             training_id, TrainingStatus.TRAINING_STARTED, "training",
-            f"Step:{step}/{total} loss {loss:.4f}",
-            step=step, total_steps=total, loss=loss, steps_per_s=rate,
+            f"Step:{event.step}/{event.total} loss {event.loss:.4f}",
+            step=event.step, total_steps=event.total, loss=event.loss, steps_per_s=event.steps_per_second,
         )
 
     return on_progress
 
 
-@task(name="train-lora")
-def train_model(params: TrainingParams, crop_paths: list[str], captions: list[str]) -> TrainOutput:
-    """Train a LoRA on the crops; returns the path of the diffusers-format weights."""
-    from tasks.lora_engine import LoraTrainConfig, train_lora  # torch, diffusers, peft
+def engine_method(params: TrainingParams) -> str:
+    return LYCORIS_ALGORITHM if params.method == "lycoris" else params.method
 
-    if params.method != "lora":
-        raise UnsupportedMethod(f"{params.method} training is not available on this worker yet")
+
+def train_config(params: TrainingParams, entry: BaseModelEntry, pretrained: str, cuda: bool) -> TrainConfig:
+    """The engine's options for a training request on a base model."""
+    from tasks.engine_config import TrainConfig
+    from tasks.prior import default_class_prompt
+
+    dreambooth = params.method == "dreambooth"
+    return TrainConfig(
+        pretrained_path=pretrained, family=entry.family, method=engine_method(params), resolution=entry.resolution,
+        rank=params.rank, alpha=params.alpha, learning_rate=params.learning_rate,
+        text_encoder_learning_rate=params.text_encoder_learning_rate,
+        text_encoder_steps=params.text_encoder_steps if dreambooth else 0,
+        max_train_steps=params.max_train_steps, seed=params.seed,
+        checkpoint_every=worker_settings().checkpoint_every,
+        class_prompt=(params.class_prompt or default_class_prompt(params.training_type)) if dreambooth else None,
+        mixed_precision="bf16" if cuda else "no", gradient_checkpointing=cuda,
+    )
+
+
+def class_images(params: TrainingParams, config: TrainConfig, entry: BaseModelEntry) -> list[Path] | None:
+    """Prior-preservation images for DreamBooth: generated once per base model and class, then cached."""
+    if config.class_prompt is None or entry.class_images == 0:
+        return None
+    from tasks.prior import ensure_class_images
+
+    report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "class-images",
+                 f"preparing {entry.class_images} class images for '{config.class_prompt}'")
+    return ensure_class_images(worker_store(), config.pretrained_path, entry.family, config.class_prompt,
+                               entry.resolution, entry.class_images, params.seed,
+                               work_dir=workdir(params.training_id, "class"))
+
+
+@task(name="train-model")
+def train_model(params: TrainingParams, crop_paths: list[str], captions: list[str]) -> TrainOutput:
+    """Train the requested model on the crops, resuming from the training's last checkpoint if any."""
+    import torch
+
+    from tasks.checkpoints import CheckpointStore
+    from tasks.train_engine import train
+
     entry = base_model(params.base_model_id)
     pretrained = resolve_pretrained(entry)
-    report_stage(
-        params.training_id, TrainingStatus.TRAINING_STARTED, "training",
-        f"Training Started on {len(crop_paths)} images", step=0, total_steps=params.max_train_steps,
-    )
-    config = LoraTrainConfig(
-        pretrained_path=pretrained, resolution=entry.resolution, rank=params.rank, alpha=params.alpha,
-        learning_rate=params.learning_rate, max_train_steps=params.max_train_steps, seed=params.seed,
-    )
-    with concurrency(GPU_LIMIT, occupy=1):  # one GPU slot per training, across all workers
-        started = time.monotonic()
-        result = train_lora(
-            config, [Path(p) for p in crop_paths], captions, workdir(params.training_id, "lora"),
-            on_progress=progress_reporter(params.training_id, started),
+    config = train_config(params, entry, pretrained, torch.cuda.is_available())
+    report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "training",
+                 f"Training Started on {len(crop_paths)} images", step=0, total_steps=params.max_train_steps)
+    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1):  # one GPU slot per training, across all workers
+        result = train(
+            config, [Path(p) for p in crop_paths], captions, workdir(params.training_id, "model"),
+            on_progress=progress_reporter(params.training_id),
+            checkpoints=CheckpointStore(worker_store(), f"{training_prefix(params.training_id)}checkpoints"),
+            class_images=class_images(params, config, entry),
         )
     report_stage(
         params.training_id, TrainingStatus.TRAINING_SUCCESS, "trained",
         f"Training finished: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}",
         step=result.steps, total_steps=result.steps, loss=result.final_loss,
     )
+    weights = result.pipeline_dir if result.pipeline_dir is not None else result.adapter_file
     return TrainOutput(
-        lora_file=str(result.lora_file), pretrained=pretrained, family=entry.family, resolution=entry.resolution,
-        rank=result.rank, alpha=result.alpha, steps=result.steps, final_loss=result.final_loss,
-        losses=list(result.losses), seconds=result.seconds,
+        method=result.method, weights=str(weights), pretrained=pretrained, family=entry.family,
+        resolution=entry.resolution, rank=result.rank, alpha=result.alpha, steps=result.steps,
+        resumed_from=result.resumed_from, final_loss=result.final_loss, losses=list(result.losses),
+        seconds=result.seconds,
     )

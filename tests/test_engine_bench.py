@@ -1,27 +1,31 @@
-"""The GPU benchmark script's code path, in its CPU smoke mode (no GPU here)."""
+"""The GPU benchmark script's code path, in its CPU smoke mode (no GPU here), run in-process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_train_bench.py"
+from engine_fixtures import one_torch_thread  # noqa: F401
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_train_bench.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_train_bench", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_cpu_smoke_mode_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "gpu_train.json"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", "cpu", "--steps", "2", "--warmup", "1", "--tiny", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                                                          "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_bench().main(["--device", "cpu", "--steps", "2", "--warmup", "1", "--tiny", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["tiny"] is True
     variants = [(v["compile"], v["gradient_checkpointing"]) for v in report["variants"]]
@@ -29,10 +33,15 @@ def test_cpu_smoke_mode_writes_results(tmp_path: Path) -> None:
     assert all(v["ms_per_step"] > 0 and v["trainable_params"] > 0 for v in report["variants"])
 
 
+def test_sd15_config_and_peak_lookup() -> None:
+    bench = load_bench()
+    assert bench.SD15_UNET_CONFIG["block_out_channels"] == (320, 640, 1280, 1280)
+    assert bench.SD15_UNET_CONFIG["cross_attention_dim"] == 768
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and bench.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_without_cuda_it_exits_2_with_a_message(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=60,
-    )
-    assert done.returncode == 2 and "no CUDA device" in done.stderr
+def test_without_cuda_it_exits_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_bench().main(["--out", str(tmp_path / "x.json")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

@@ -215,7 +215,9 @@ def test_lokr_export_layout_round_trip_and_delta(
     rank, alpha = int(options["r"]), float(options["alpha"])  # type: ignore[call-overload, arg-type]
     peft_state = get_peft_model_state_dict(unet)
     assert any("lokr_w1_a" in k for k in peft_state) == decomposed
-    path = save_lycoris(peft_state, tmp_path / "lokr.safetensors", method="lokr", alpha=alpha, rank=rank, base_model="tiny")
+    path = save_lycoris(
+        peft_state, tmp_path / "lokr.safetensors", method="lokr", alpha=alpha, rank=rank, base_model="tiny"
+    )
 
     exported = load_file(str(path))
     assert all(LOKR_KEY.match(key) for key in exported), [k for k in exported if not LOKR_KEY.match(k)][:3]

@@ -159,7 +159,12 @@ def real(request: pytest.FixtureRequest) -> MetaPipeline:
 @pytest.fixture(scope="module")
 def ldm(real: MetaPipeline) -> dict[str, torch.Tensor]:
     """Our single-file conversion of the real architecture's state dicts (meta tensors)."""
-    return convert_to_ldm(real.state_dicts(), family=real.family, unet_config=real.unet_config, vae_config=real.vae_config)  # type: ignore[arg-type]
+    return convert_to_ldm(
+        real.state_dicts(),
+        family=real.family,  # type: ignore[arg-type]
+        unet_config=real.unet_config,
+        vae_config=real.vae_config,
+    )
 
 
 # --- single-file -----------------------------------------------------------------------------
