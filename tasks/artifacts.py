@@ -1,49 +1,59 @@
-"""What a person sees in the Prefect UI for a finished training: summary, samples, loss curve."""
+"""What a person sees in the Prefect UI: the crop report, and for a finished model its summary,
+sample grid and loss curve. Artifacts are views on records already stored with the training, so
+failing to create one is logged and never fails a task.
+"""
 
 from __future__ import annotations
+
+import re
 
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
 from flows.records import Manifest
 from flows.store import ObjectStore
+from tasks.context import run_logger
 
 UI_LINK_EXPIRY_S = 7 * 24 * 3600  # the longest a presigned S3 link may live
 
 
-def in_run() -> bool:
-    """True inside a Prefect flow or task run (artifacts need one)."""
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+def artifact_key(training_id: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{training_id}".lower()).strip("-")
 
 
-def artifact_key(training_id: str, what: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    return f"{training_id.lower()}-{what}"
+def publish_artifacts(training_id: str, kind: str, markdown: str, description: str, images: dict[str, str]) -> None:
+    """One markdown artifact and an image artifact per ``images`` entry; nothing outside a Prefect run."""
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return
+    try:
+        create_markdown_artifact(markdown, key=artifact_key(training_id, kind), description=description)
+        for image_kind, url in images.items():
+            create_image_artifact(url, key=artifact_key(training_id, image_kind),
+                                  description=f"{image_kind.replace('-', ' ')} of {training_id}")
+    except Exception as exc:  # noqa: BLE001 - boundary to the Prefect API; the records are stored anyway
+        run_logger().warning("could not publish %s artifacts: %s", kind, exc)
 
 
 def summary_markdown(manifest: Manifest, links: dict[str, str]) -> str:
     rows = "\n".join(f"| {name} | {f.size:,} bytes | `{f.sha256[:12]}` | [download]({links[name]}) |"
                      for name, f in manifest.files.items())
-    images = "\n".join(f"![{name}]({url})" for name, url in links.items() if name in ("grid", "loss_curve"))
+    images = "\n".join(f"![{name}]({url})" for name, url in links.items() if name in ("sample-grid", "loss-curve"))
+    loss = f"{manifest.final_loss:.4f}" if manifest.final_loss is not None else "n/a"
     return (
         f"# Model {manifest.training_id}\n\n"
         f"- method **{manifest.method}** on **{manifest.base_model_id}** ({manifest.family})\n"
         f"- instance prompt: `{manifest.instance_prompt}`\n"
-        f"- {manifest.steps} steps, final loss {manifest.final_loss:.4f}\n\n"
+        f"- {manifest.steps} steps, final loss {loss}\n\n"
         f"| file | size | sha256 | link (7 days) |\n| --- | --- | --- | --- |\n{rows}\n\n{images}\n"
     )
 
 
 def publish_model_artifacts(manifest: Manifest, store: ObjectStore) -> None:
-    """A markdown summary plus the sample grid and loss curve as image artifacts of the run."""
-    if not in_run():
-        return
+    """The model summary, the sample grid and the loss curve in the Prefect UI."""
     links = {name: store.link(f.key, UI_LINK_EXPIRY_S) for name, f in manifest.files.items()}
-    for picture in manifest.samples:
-        name = picture.key.rsplit("/", 1)[-1].removesuffix(".png")
-        if name in ("grid", "loss_curve"):
-            links[name] = store.link(picture.key, UI_LINK_EXPIRY_S)
-            create_image_artifact(image_url=links[name], key=artifact_key(manifest.training_id, name.replace("_", "-")),
-                                  description=f"{name.replace('_', ' ')} of {manifest.training_id}")
-    create_markdown_artifact(summary_markdown(manifest, links), key=artifact_key(manifest.training_id, "summary"),
-                             description=f"model {manifest.training_id}")
+    pictures = {"grid.png": "sample-grid", "loss_curve.png": "loss-curve"}
+    images = {pictures[s.key.rsplit("/", 1)[-1]]: store.link(s.key, UI_LINK_EXPIRY_S)
+              for s in manifest.samples if s.key.rsplit("/", 1)[-1] in pictures}
+    publish_artifacts(manifest.training_id, "model-summary", summary_markdown(manifest, {**links, **images}),
+                      f"model {manifest.training_id}", images)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
 from prefect import task
 
 from flows.params import TrainingParams, TrainingStatus
+from tasks.artifacts import UI_LINK_EXPIRY_S, publish_artifacts
 from tasks.context import base_model, report_stage, run_logger, worker_settings, worker_store, workdir
 from tasks.crop_report import ReportRow, contact_sheet, markdown_report, report_rows, summary_line
 from tasks.dedupe import drop_near_duplicates
@@ -32,35 +32,9 @@ def report_prefix(training_id: str) -> str:
     return f"trainings/{training_id}/report/"
 
 
-def artifact_key(training_id: str, kind: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes only)."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{training_id}".lower()).strip("-")
-
-
-def publish_artifacts(training_id: str, markdown: str, image_url: str | None) -> None:
-    """Show the report in the Prefect UI; does nothing outside a Prefect run.
-
-    Artifacts are a view on a report already stored with the training, so a failure to create
-    one is logged and does not fail the task.
-    """
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if TaskRunContext.get() is None and FlowRunContext.get() is None:
-        return
-    try:
-        create_markdown_artifact(markdown, key=artifact_key(training_id, "crop-report"),
-                                 description="Kept and dropped training images")
-        if image_url:
-            create_image_artifact(image_url, key=artifact_key(training_id, "contact-sheet"),
-                                  description="The training crops")
-    except Exception as exc:  # noqa: BLE001 - boundary to the Prefect API; the report is stored anyway
-        run_logger().warning("could not publish the crop report as Prefect artifacts: %s", exc)
-
-
 def store_report(training_id: str, rows: list[ReportRow], crop_dir: Path) -> str | None:
     """Store the report (JSON) and the contact sheet (PNG); return a link to the sheet."""
-    settings, store = worker_settings(), worker_store()
+    store = worker_store()
     prefix = report_prefix(training_id)
     body = json.dumps([row.as_dict() for row in rows], indent=2).encode()
     store.put_bytes(f"{prefix}crops.json", body, "application/json")
@@ -69,7 +43,7 @@ def store_report(training_id: str, rows: list[ReportRow], crop_dir: Path) -> str
     buffer = io.BytesIO()
     contact_sheet(rows, crop_dir).save(buffer, format="PNG")
     store.put_bytes(f"{prefix}contact_sheet.png", buffer.getvalue(), "image/png")
-    return store.link(f"{prefix}contact_sheet.png", settings.link_expiry_s)
+    return store.link(f"{prefix}contact_sheet.png", UI_LINK_EXPIRY_S)
 
 
 @task(name="crop-faces")
@@ -96,7 +70,8 @@ def crop_faces(params: TrainingParams, raw_paths: list[str]) -> list[str]:
         if not row.kept:
             run_logger().warning("image %s dropped: %s", row.source, row.reason)
     sheet_url = store_report(params.training_id, rows, crop_dir)
-    publish_artifacts(params.training_id, markdown_report(rows, sheet_url), sheet_url)
+    publish_artifacts(params.training_id, "crop-report", markdown_report(rows, sheet_url),
+                      "kept and dropped training images", {"contact-sheet": sheet_url} if sheet_url else {})
     for duplicate in duplicates:
         duplicate.path.unlink(missing_ok=True)
     summary = summary_line(rows)
