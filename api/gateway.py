@@ -60,6 +60,10 @@ def _as_training_run(run: FlowRun) -> TrainingRun:
     )
 
 
+def created_at(run: TrainingRun) -> float:
+    return run.created.timestamp() if run.created else 0.0
+
+
 def owner_tag(owner: str) -> str:
     return f"owner:{owner}"
 
@@ -105,13 +109,13 @@ class PrefectGateway:
 
     async def find_training(self, training_id: str, owner: str) -> TrainingRun | None:
         """The caller's training with this id, or None (unknown ids and others' ids alike)."""
-        runs = await self._read_runs([training_tag(training_id), owner_tag(owner)], limit=1)
-        return runs[0] if runs else None
+        runs = await self._read_runs([training_tag(training_id), owner_tag(owner)], limit=10)
+        return max(runs, key=created_at) if runs else None  # a rerun is the newest
 
     async def list_trainings(self, owner: str) -> list[TrainingRun]:
         """The caller's trainings, newest first."""
         runs = await self._read_runs([APP_TAG, owner_tag(owner)], limit=LIST_LIMIT)
-        return sorted(runs, key=lambda r: r.created or datetime.min, reverse=True)
+        return sorted(runs, key=created_at, reverse=True)
 
     async def cancel_training(self, run: TrainingRun) -> None:
         """Cancel a queued run at once; ask the worker to stop a started one (Cancelling)."""

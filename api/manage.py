@@ -54,10 +54,12 @@ async def finetune_list(owner: Owner, gateway: GatewayDep) -> ListPublic:
     return ListPublic(data=[run.training_id for run in await gateway.list_trainings(owner)])
 
 
-async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep) -> MessagePublic:
+async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep) -> MessagePublic:
     """Cancel a queued or running training; its partial artifacts are removed afterwards."""
     run = await owned_run(gateway, training_id, owner)
     if run.state not in CANCELLED:
+        if await asyncio.to_thread(read_manifest, store, training_id) is not None:
+            raise ApiError(409, f"training {training_id} already ended (model_ready); delete the model instead")
         if run.state not in ACTIVE:
             state = run.state.value.lower() if run.state else "finished"
             raise ApiError(409, f"training {training_id} already ended ({state}); only queued or running trainings can be cancelled")

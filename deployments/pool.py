@@ -5,11 +5,32 @@ from __future__ import annotations
 import asyncio
 
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate, WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
 from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
+
+RERUN_AUTOMATION = "dreamflow: rerun crashed trainings"
+
+
+def rerun_crashed_trainings() -> AutomationCore:
+    """A crashed training (its worker or process died) goes back to the queue and resumes from its
+    last checkpoint; the flow itself gives up after a few runs (see flows/training.py)."""
+    return AutomationCore(
+        name=RERUN_AUTOMATION,
+        description="Reschedules dreamflow training runs that crashed, so they resume from their last checkpoint.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.dreamflow"},
+            posture=Posture.Reactive, threshold=1,
+        ),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
+                                    message="rerun after a crash; training resumes from its last checkpoint")],
+    )
 
 
 async def _prepare(api_url: str, pool: str, gpu_slots: int) -> None:
@@ -26,8 +47,10 @@ async def _prepare(api_url: str, pool: str, gpu_slots: int) -> None:
             await client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=gpu_slots))
         except ObjectNotFound:
             await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=gpu_slots))
+        if not await client.read_automations_by_name(RERUN_AUTOMATION):
+            await client.create_automation(rerun_crashed_trainings())
 
 
 def prepare_orchestration(api_url: str, pool: str, gpu_slots: int) -> None:
-    """Make sure the process work pool exists and the GPU limit holds ``gpu_slots`` slots."""
+    """Make sure the process work pool, the GPU limit (``gpu_slots`` slots) and the crash-rerun automation exist."""
     asyncio.run(_prepare(api_url, pool, gpu_slots))

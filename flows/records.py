@@ -52,6 +52,8 @@ class Manifest(BaseModel):
     samples: list[StoredFile] = Field(default_factory=list)
     final_loss: float | None = None
     steps: int = 0
+    resumed_from: int | None = Field(None, description="Checkpoint step the final attempt resumed from.")
+    trained_between: tuple[float, float] | None = Field(None, description="Unix times the GPU slot was held.")
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     created_at: float = 0.0
 

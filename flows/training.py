@@ -8,7 +8,7 @@ from prefect.states import State
 
 from flows.params import TrainingParams, TrainingStatus
 from tasks.caption import caption_images
-from tasks.context import report_stage, run_logger
+from tasks.context import check_run_count, report_stage
 from tasks.convert import convert_weights
 from tasks.fetch import fetch_images
 from tasks.preprocess import crop_faces
@@ -29,7 +29,7 @@ def failure_reason(state: State) -> str:
 
 
 def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    """Flow state hook: publish why the run failed or crashed."""
+    """Flow state hook: publish why the run failed."""
     params = flow_run.parameters.get("params") or {}
     training_id = params.get("training_id") if isinstance(params, dict) else params.training_id
     if training_id:
@@ -39,13 +39,12 @@ def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
 
 @flow(
     name="dreamflow-training",
-    on_failure=[record_failure],
-    on_crashed=[record_failure],
+    on_failure=[record_failure],  # a crash is not final: the crash-rerun automation reschedules it
     log_prints=False,
 )
 def run_training(params: TrainingParams) -> str:
     """Train a model from a handful of photos and publish it with its samples and manifest."""
-    run_logger().info("training %s on %s", params.training_id, params.base_model_id)
+    check_run_count(params.training_id)
     raw = fetch_images(params)
     crops = crop_faces(params, raw)
     captions = caption_images(params, crops)

@@ -18,6 +18,9 @@ from flows.store import ObjectStore, store_from_settings
 from tasks.webhooks import DeliveryPolicy, deliver, webhook_body
 
 
+MAX_RUNS = 3  # a crashed training is rerun (resuming from its checkpoint) at most twice
+
+
 @lru_cache(maxsize=1)
 def worker_settings() -> Settings:
     """The worker process's settings, read once on first use."""
@@ -44,6 +47,20 @@ def workdir(training_id: str, *parts: str) -> Path:
 
 def remove_workdir(training_id: str) -> None:
     shutil.rmtree(worker_settings().resolved_data_dir / "work" / training_id, ignore_errors=True)
+
+
+class TooManyCrashes(RuntimeError):
+    """A training crashed (worker or process died) more often than it may be rerun."""
+
+
+def check_run_count(training_id: str) -> None:
+    """Log which attempt this is; refuse to go on after ``MAX_RUNS`` crashed attempts."""
+    from prefect.runtime import flow_run
+
+    attempt = flow_run.run_count or 1
+    run_logger().info("training %s, attempt %d", training_id, attempt)
+    if attempt > MAX_RUNS:
+        raise TooManyCrashes(f"the training crashed {attempt - 1} times (worker or process died); giving up")
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -18,8 +18,11 @@ class NoUsableImages(RuntimeError):
 
 
 def own_reader(store: ObjectStore, training_id: str) -> Callable[[str], bytes | None]:
-    """Reads ``store:`` references and dreamflow's own links (uploads, this training's inputs) from storage."""
-    own_prefixes = ("uploads/", f"trainings/{training_id}/inputs/")
+    """Reads ``store:`` references and dreamflow's own links from storage.
+
+    Allowed: uploads, this training's inputs, and dataset folders (scheduled retraining).
+    """
+    own_prefixes = ("uploads/", f"trainings/{training_id}/inputs/", "datasets/")
 
     def read_own(url: str) -> bytes | None:
         key = url.removeprefix(STORE_SCHEME) if url.startswith(STORE_SCHEME) else store.key_from_link(url)

@@ -57,7 +57,8 @@ def publish_manifest(
         base_model_id=params.base_model_id, family=entry.family, instance_prompt=params.instance_prompt,
         parameters=params.model_dump(mode="json", exclude={"images", "webhook", "owner"}),
         files=exports, samples=[samples[k] for k in sorted(samples)],
-        final_loss=trained.final_loss, steps=trained.steps, created_at=time.time(),
+        final_loss=trained.final_loss, steps=trained.steps, resumed_from=trained.resumed_from,
+        trained_between=trained.trained_between, created_at=time.time(),
     )
     store = worker_store()
     store.delete_prefix(f"{training_prefix(params.training_id)}checkpoints/")  # the model is complete without them

@@ -39,6 +39,7 @@ class TrainOutput(BaseModel):
     final_loss: float
     losses: list[tuple[int, float]]
     seconds: float
+    trained_between: tuple[float, float]  # wall-clock times the GPU slot was held
 
 
 def progress_reporter(training_id: str) -> Callable[[ProgressEvent], None]:
@@ -105,15 +106,18 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     entry = base_model(params.base_model_id)
     pretrained = resolve_pretrained(entry)
     config = train_config(params, entry, pretrained, torch.cuda.is_available())
-    report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "training",
-                 f"Training Started on {len(crop_paths)} images", step=0, total_steps=params.max_train_steps)
+    report_stage(params.training_id, TrainingStatus.DEPLOYING_GPU, "waiting-for-gpu", "waiting for a free GPU slot")
     with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1):  # one GPU slot per training, across all workers
+        started_at = time.time()
+        report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "training",
+                     f"Training Started on {len(crop_paths)} images", step=0, total_steps=params.max_train_steps)
         result = train(
             config, [Path(p) for p in crop_paths], captions, workdir(params.training_id, "model"),
             on_progress=progress_reporter(params.training_id),
             checkpoints=CheckpointStore(worker_store(), f"{training_prefix(params.training_id)}checkpoints"),
             class_images=class_images(params, config, entry),
         )
+        trained_between = (started_at, time.time())
     report_stage(
         params.training_id, TrainingStatus.TRAINING_SUCCESS, "trained",
         f"Training finished: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}",
@@ -124,5 +128,5 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
         method=result.method, weights=str(weights), pretrained=pretrained, family=entry.family,
         resolution=entry.resolution, rank=result.rank, alpha=result.alpha, steps=result.steps,
         resumed_from=result.resumed_from, final_loss=result.final_loss, losses=list(result.losses),
-        seconds=result.seconds,
+        seconds=result.seconds, trained_between=trained_between,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import secrets
@@ -23,7 +24,8 @@ _PORT_FLAGS = (
     "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
     "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
 )
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0
+PROBE_BUCKET = "weed-ready-probe"
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
@@ -117,6 +119,19 @@ class WeedS3Server:
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False)
         return Minio(self.endpoint, self.access_key, self.secret_key, secure=False, http_client=http)
 
+    @staticmethod
+    def _probe(client: Minio) -> None:
+        """Ready means objects can be written and read back, not only that the S3 port answers."""
+        if not client.bucket_exists(PROBE_BUCKET):
+            client.make_bucket(PROBE_BUCKET)
+        client.put_object(PROBE_BUCKET, "probe", io.BytesIO(b"ok"), 2)
+        response = client.get_object(PROBE_BUCKET, "probe")
+        try:
+            assert response.read() == b"ok"
+        finally:
+            response.close()
+            response.release_conn()
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         client = self.client()
@@ -125,7 +140,7 @@ class WeedS3Server:
             if not self.running:
                 break
             try:
-                client.list_buckets()
+                self._probe(client)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
                 last_error = exc

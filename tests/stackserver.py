@@ -32,7 +32,7 @@ class RunningStack:
             api_keys=",".join(KEYS), data_dir=data_dir, api_port=api_port, prefect_port=prefect_port,
             storage="s3", s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
             s3_bucket="dreamflow-e2e", allow_private_networks=True, work_pool="dreamflow-test",
-            webhook_secret=WEBHOOK_SECRET, sandbox_steps=10,
+            webhook_secret=WEBHOOK_SECRET, sandbox_steps=10, checkpoint_every=25,
         )
         stack = start_stack(settings)
         store = S3Store(endpoint=s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
@@ -54,6 +54,14 @@ class RunningStack:
         response = httpx.post(f"{self.settings.prefect_api}/flow_runs/count", json={}, timeout=10)
         response.raise_for_status()
         return int(response.json())
+
+    def artifacts(self, training_id: str) -> list[dict]:
+        """The Prefect artifacts of a training's flow run (what the UI shows on the run's page)."""
+        run_id = self.flow_run(training_id)["id"]
+        response = httpx.post(f"{self.settings.prefect_api}/artifacts/filter", timeout=10,
+                              json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+        response.raise_for_status()
+        return response.json()
 
     def flow_run(self, training_id: str) -> dict:
         """A training's flow run as the Prefect server's REST API describes it."""

@@ -81,6 +81,62 @@ def test_lora_training_from_rest_call_to_loadable_weights(
     for lora in (diffusers_file, kohya_file):
         assert lora_output_difference(str(tiny), lora, PROMPT, seed=0, resolution=TINY_RESOLUTION) > 0.5
 
+    artifacts = {a["key"]: a for a in stack.artifacts(body["training_id"])}
+    training = body["training_id"].lower()
+    assert {f"model-summary-{training}", f"sample-grid-{training}", f"loss-curve-{training}",
+            f"crop-report-{training}", f"contact-sheet-{training}"} <= set(artifacts)
+    summary = artifacts[f"model-summary-{training}"]["data"]
+    assert "lora_kohya" in summary and "final loss" in summary
+    loss_curve = httpx.get(artifacts[f"loss-curve-{training}"]["data"], timeout=10)
+    assert loss_curve.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dreambooth_v2_gives_a_single_file_checkpoint_that_diffusers_loads(
+    stack: RunningStack, photos: list[Path], tmp_path: Path
+) -> None:
+    with stack.client() as client:
+        created = client.post("/api/v3/fine_tune_v2", json={
+            "key": KEYS[0], "instance_prompt": PROMPT, "class_prompt": "photo of person", "base_model_id": "tiny",
+            "images": [data_uri(p) for p in photos[:2]], "seed": "0", "training_type": "women",
+            "learning_rate_unet": "1e-3", "steps_unet": "8", "learning_rate_text_encoder": None,
+            "steps_text_encoder": "4", "webhook": None,
+        }).json()
+    status, _ = stack.wait_until_done(created["training_id"], KEYS[0])
+    assert status["training_status"] == "model_ready", status
+    assert set(status["links"]) >= {"checkpoint", "diffusers", "samples", "loss_curve"}
+    checkpoint = _download(status["links"]["checkpoint"], tmp_path / "model.safetensors")
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
+
+    tiny = build_tiny_sd(tmp_path / "tiny")
+    tuned = StableDiffusionPipeline.from_single_file(str(checkpoint), config=str(tiny), local_files_only=True)
+    base = StableDiffusionPipeline.from_pretrained(tiny)
+    images = [pipe(PROMPT, num_inference_steps=3, height=TINY_RESOLUTION, width=TINY_RESOLUTION, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images for pipe in (base, tuned)]
+    assert abs(images[0] - images[1]).mean() * 255 > 0.5  # the fine-tuned weights are in the file
+
+
+def test_lycoris_training_exports_the_a1111_layout(stack: RunningStack, photos: list[Path], tmp_path: Path) -> None:
+    with stack.client() as client:
+        created = client.post("/api/v3/lora_fine_tune", json={
+            "key": KEYS[0], "instance_prompt": PROMPT, "base_model_id": "tiny", "lora_type": "lycoris",
+            "images": [data_uri(p) for p in photos[:2]], "max_train_steps": "6", "training_type": "men",
+        }).json()
+    status, _ = stack.wait_until_done(created["training_id"], KEYS[0])
+    assert status["training_status"] == "model_ready", status
+    from safetensors import safe_open
+
+    lycoris = _download(status["links"]["lora_kohya"], tmp_path / "lycoris.safetensors")
+    with safe_open(str(lycoris), "pt") as handle:
+        keys = set(handle.keys())
+        metadata = handle.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".hada_w1_a") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+
 
 def _download(url: str, dest: Path) -> Path:
     response = httpx.get(url, timeout=30)

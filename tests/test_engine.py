@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +27,10 @@ from tasks.lora_engine import (
     train_lora,
 )
 from tasks.sampling import generate_samples, load_pipeline, lora_output_difference, make_grid
+from engine_fixtures import ATTENTION_PROJECTIONS, PROMPT, one_torch_thread, subject, tiny  # noqa: F401 - fixtures
 from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
 
-PROMPT = "photo of sks person"
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 KOHYA_KEY = re.compile(r"^(lora_unet_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The CI and dev machines share two cores; a single torch thread avoids OpenMP spin-waits
-    that make these runs 2-3x slower under load."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two photos of one subject (the skimage astronaut), one of them mirrored."""
-    from skimage import data
-
-    folder = tmp_path_factory.mktemp("photos")
-    photo = Image.fromarray(data.astronaut())
-    paths = [folder / "a.jpg", folder / "b.png"]
-    photo.save(paths[0])
-    photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 200)).save(paths[1])
-    return paths
 
 
 def make_config(tiny: Path, **overrides: object) -> LoraTrainConfig:

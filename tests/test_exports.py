@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_fixtures import one_torch_thread, tiny  # noqa: F401 - shared fixtures
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from tasks.lycoris_export import from_lycoris_kohya, save_lycoris, to_lycoris_kohya
 from tasks.report_plots import LOSS_CURVE_SIZE, loss_curve_png
 from tasks.single_file import save_single_file
-from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
+from tasks.tiny_models import TINY_RESOLUTION
 
 PROMPT = "photo of sks person"
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -37,19 +37,6 @@ LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_mode
 MODULE = r"lora_unet_[a-z0-9_]+_attn[12]_(?:to_q|to_k|to_v|to_out_0)"
 LOHA_KEY = re.compile(rf"^{MODULE}\.(hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b|alpha)$")
 LOKR_KEY = re.compile(rf"^{MODULE}\.(lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|alpha)$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")

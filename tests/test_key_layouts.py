@@ -13,11 +13,12 @@ every key here is a key the real checkpoints have. Two things are proven:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from engine_fixtures import one_torch_thread  # noqa: F401 - shared fixtures
 import torch
 
 from tasks.kohya import COMPONENT_PREFIXES as KOHYA_PREFIXES
@@ -141,14 +142,6 @@ def build_meta(family: str) -> MetaPipeline:
         if family == "sdxl":
             modules["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_BIGG))
     return MetaPipeline(family, dict(modules["unet"].config), dict(modules["vae"].config), modules)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd2", "sdxl"])

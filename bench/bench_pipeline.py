@@ -1,0 +1,202 @@
+"""Benchmark: a whole 10-photo sandbox job through the stack, cold then warm: stages, overhead, memory.
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_pipeline.py [--steps 30]``.
+Writes ``bench/results/pipeline.json`` and prints it.
+
+It starts the stack (Prefect server, one process worker, facade; local storage, free ports, a
+temporary data folder) and sends the same sandbox job twice: 10 face photos (those of
+bench_face_crop.py, as 512 px JPEG data URIs), `tiny`, ``--steps`` LoRA steps. The first job is
+"cold" (first flow-run process of a fresh worker, the tiny model not yet built, an empty page
+cache); the second is "warm". For each job it reads from the Prefect REST API the flow run, its
+state history and every task run's start and end, and from the job's status record the training
+loop's measured rate. While the job runs it polls ``/proc/<infrastructure_pid>/status`` every
+0.2 s for VmHWM (peak RSS) of the flow-run process.
+
+Reported per job: per-stage (task run) wall time; the flow-run process start-up, split into
+queue wait (created -> Pending: worker poll), process start (Pending -> Running) and flow start
+(Running -> first task start); the finish (last task end -> flow run end); the training loop
+time (steps / measured steps/s); whole job = flow run created -> flow run end; overhead = whole
+job - training loop; and what the client saw (POST -> model_ready in a 0.2 s status poll).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchresults import load_average, write_result
+from benchstack import (
+    KEY,
+    TERMINAL,
+    base_url,
+    create_sandbox,
+    flow_run,
+    jpeg_data_uri,
+    start_bench_stack,
+)
+
+from flows.settings import Settings
+
+PHOTO_SIDE = 512
+POLL_S = 0.2
+TARGET_OVERHEAD_S = 3.0
+
+
+def build_job_photos(folder: Path) -> list[str]:
+    """The 10 face photos of the face-crop benchmark, as 512 px JPEG data URIs."""
+    from bench_face_crop import build_photos
+
+    return [jpeg_data_uri(path, PHOTO_SIDE) for path in build_photos(folder)]
+
+
+def read_vm(pid: int) -> dict[str, int] | None:
+    """VmHWM and VmRSS (kB) of a live process, or None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmHWM", "VmRSS"):
+            values[name] = int(rest.split()[0])
+    return values
+
+
+def follow_job(settings: Settings, client: httpx.Client, training_id: str, posted: float,
+               timeout_s: float) -> dict[str, Any]:
+    """Poll every 0.2 s until the job ends: the process's peak RSS and when the client saw it ready."""
+    pid, peak_kb, samples, ready_at, final = None, 0, 0, None, None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pid is None:
+            raw = flow_run(settings, training_id).get("infrastructure_pid")
+            pid = int(str(raw).rsplit(":", 1)[-1]) if raw else None
+        vm = read_vm(pid) if pid is not None else None
+        if vm is not None:
+            peak_kb, samples = max(peak_kb, vm.get("VmHWM", 0)), samples + 1
+        if ready_at is None:
+            body = client.post(f"/api/v3/fine_tune_status/{training_id}", json={"key": KEY}).json()
+            if body.get("training_status") in TERMINAL:
+                ready_at, final = time.time(), body
+        if ready_at is not None and (pid is None or vm is None):
+            break
+        time.sleep(POLL_S)
+    else:
+        raise TimeoutError(f"job {training_id} did not end within {timeout_s:.0f} s")
+    return {"infrastructure_pid": pid, "peak_rss_mb": peak_kb / 1024, "rss_samples": samples,
+            "client_post_to_ready_s": (ready_at - posted) if ready_at else None,
+            "final_status": final.get("training_status") if final else None,
+            "error": final.get("error") if final else None, "ready_at": ready_at}
+
+
+def ts(value: str | None) -> float | None:
+    return datetime.fromisoformat(value).timestamp() if value else None
+
+
+def prefect_records(settings: Settings, run: dict) -> tuple[list[dict], list[dict]]:
+    """(state history, task runs) of a flow run, both oldest first."""
+    api = settings.prefect_api
+    states = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run["id"]}, timeout=10).json()
+    tasks = httpx.post(f"{api}/task_runs/filter", timeout=10, json={
+        "flow_runs": {"id": {"any_": [run["id"]]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200,
+    }).json()
+    states.sort(key=lambda s: ts(s["timestamp"]))
+    tasks.sort(key=lambda t: ts(t["start_time"]) or 0.0)
+    return states, tasks
+
+
+def first_state(states: list[dict], kind: str) -> float | None:
+    return next((ts(s["timestamp"]) for s in states if s["type"] == kind), None)
+
+
+def job_timeline(settings: Settings, training_id: str, followed: dict[str, Any]) -> dict[str, Any]:
+    """Per-stage times, start-up split, training loop and overhead of one finished job."""
+    from flows.records import read_stage
+    from flows.store import store_from_settings
+
+    run = flow_run(settings, training_id)
+    states, tasks = prefect_records(settings, run)
+    created, end = ts(run["created"]), ts(run["end_time"])
+    pending, running = first_state(states, "PENDING"), first_state(states, "RUNNING")
+    first_task, last_task = ts(tasks[0]["start_time"]), max(ts(t["end_time"]) for t in tasks)
+    stage = read_stage(store_from_settings(settings), training_id)
+    loop_s = stage.total_steps / stage.steps_per_s if stage and stage.steps_per_s else None
+    whole = end - created
+    return {
+        "training_id": training_id, "flow_run_state": run["state_type"], **followed,
+        "stages": [{"task": t["name"], "wall_s": ts(t["end_time"]) - ts(t["start_time"]),
+                    "starts_after_flow_created_s": ts(t["start_time"]) - created, "state": t["state_type"]}
+                   for t in tasks],
+        "startup": {"queue_wait_created_to_pending_s": pending - created,
+                    "process_start_pending_to_running_s": running - pending,
+                    "flow_start_running_to_first_task_s": first_task - running,
+                    "created_to_first_task_s": first_task - created},
+        "tasks_span_s": last_task - first_task,
+        "sum_of_task_wall_s": sum(ts(t["end_time"]) - ts(t["start_time"]) for t in tasks),
+        "finish_last_task_end_to_flow_end_s": end - last_task,
+        "flow_end_to_client_saw_ready_s": followed["ready_at"] - end if followed["ready_at"] else None,
+        "training_loop_s": loop_s, "training_steps": stage.total_steps if stage else None,
+        "training_steps_per_s": stage.steps_per_s if stage else None,
+        "whole_job_created_to_end_s": whole,
+        "overhead_s": whole - loop_s if loop_s else None,
+        "stage_log": stage.log if stage else [],
+    }
+
+
+def run_job(settings: Settings, client: httpx.Client, images: list[str], timeout_s: float) -> dict[str, Any]:
+    posted = time.time()
+    training_id = create_sandbox(client, images)
+    followed = follow_job(settings, client, training_id, posted, timeout_s)
+    time.sleep(1.0)  # let the worker record the final states
+    timeline = job_timeline(settings, training_id, followed)
+    timeline.pop("ready_at", None)
+    return timeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="training steps of each job (sandbox_steps)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one job may take")
+    args = parser.parse_args(argv)
+
+    load_before = load_average()
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    images = build_job_photos(work / "photos")
+    settings, stack = start_bench_stack(work / "data", sandbox_steps=args.steps)
+    jobs: dict[str, Any] = {}
+    try:
+        with httpx.Client(base_url=base_url(settings), timeout=60) as client:
+            for name in ("cold", "warm"):
+                jobs[name] = run_job(settings, client, images, args.timeout)
+    finally:
+        stack.stop()
+    warm = jobs["warm"]
+    body = {
+        "setup": {"photos": len(images), "photo_side": PHOTO_SIDE, "format": "JPEG data URIs",
+                  "endpoint": "/api/sandbox/v3/fine_tune", "base_model": "tiny", "method": "lora",
+                  "steps": args.steps, "storage": "local", "workers": 1, "rss_poll_s": POLL_S,
+                  "device": "cpu",
+                  "cold": "first flow run of a freshly started worker and stack; tiny model not yet built",
+                  "warm": "the same job again right after, same worker"},
+        "jobs": jobs,
+        "target_overhead_s": TARGET_OVERHEAD_S,
+        "warm_overhead_meets_target": warm["overhead_s"] is not None and warm["overhead_s"] <= TARGET_OVERHEAD_S,
+    }
+    path = write_result("pipeline", body, load_before)
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

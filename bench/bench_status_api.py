@@ -1,0 +1,221 @@
+"""Benchmark: the status endpoint at 50 concurrent clients, on the whole stack.
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_status_api.py [--clients 50 --requests 3000 --seconds 20]``.
+Writes ``bench/results/status_api.json`` and prints it.
+
+It starts the stack (Prefect server, one process worker, facade; local storage, free ports, a
+temporary data folder), creates one sandbox training from a sample photo and waits for it to
+finish, then sends POST /api/v3/fine_tune_status/<id> from ``--clients`` concurrent coroutines
+over one httpx.AsyncClient until ``--requests`` are done or ``--seconds`` pass. To show where the
+time goes it also measures, one at a time and at the same concurrency:
+
+- ``facade_floor``: the same route with an unknown key (401 before any Prefect or store call);
+- ``prefect_filter``: the Prefect REST call the facade makes per status request, sent directly;
+- ``gateway_find_training_in_process``: that call through the facade's PrefectGateway (Prefect
+  client, FlowRun parsing), in this process;
+- ``store_reads``: the two local-store reads (status record and manifest), in-process.
+
+The stack is stopped at the end whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchresults import load_average, write_result
+from benchstack import (
+    KEY,
+    base_url,
+    create_sandbox,
+    jpeg_data_uri,
+    start_bench_stack,
+    wait_until_done,
+)
+
+from flows.settings import Settings, hash_key
+
+TARGET_RPS = 1000.0
+TARGET_P99_MS = 50.0
+
+
+@dataclass
+class Load:
+    """Outcome of one load phase."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def record_error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        done = len(self.latencies_s) + self.errors
+        ordered = sorted(self.latencies_s)
+        return {
+            "requests": done, "ok": len(ordered), "errors": self.errors, "error_kinds": self.error_kinds,
+            "wall_s": self.wall_s, "requests_per_second": done / self.wall_s if self.wall_s else 0.0,
+            "p50_ms": 1000 * percentile(ordered, 50), "p90_ms": 1000 * percentile(ordered, 90),
+            "p99_ms": 1000 * percentile(ordered, 99), "max_ms": 1000 * ordered[-1] if ordered else 0.0,
+        }
+
+
+def percentile(ordered: list[float], pct: float) -> float:
+    """Nearest-rank percentile of sorted values (0.0 when empty)."""
+    if not ordered:
+        return 0.0
+    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+async def hammer(url: str, body: dict, expect: int, clients: int, total: int, seconds: float) -> Load:
+    """``clients`` coroutines POST ``body`` to ``url`` until ``total`` requests or ``seconds`` pass."""
+    load = Load()
+    issued = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def one_client() -> None:
+            nonlocal issued
+            while issued < total and time.perf_counter() < deadline:
+                issued += 1
+                begin = time.perf_counter()
+                try:
+                    response = await client.post(url, json=body)
+                except httpx.HTTPError as exc:
+                    load.record_error(type(exc).__name__)
+                    continue
+                if response.status_code == expect:
+                    load.latencies_s.append(time.perf_counter() - begin)
+                else:
+                    load.record_error(f"http {response.status_code}")
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        load.wall_s = time.perf_counter() - started
+    return load
+
+
+def sequential_ms(call: Callable[[], object], count: int) -> dict[str, float]:
+    """Median and p90 milliseconds of ``count`` calls one after another (after one warm-up)."""
+    call()
+    times = []
+    for _ in range(count):
+        begin = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - begin)
+    ordered = sorted(times)
+    return {"calls": count, "median_ms": 1000 * statistics.median(ordered), "p90_ms": 1000 * percentile(ordered, 90)}
+
+
+def prefect_filter_body(training_id: str) -> dict:
+    """The flow-run filter the facade's gateway sends for one status request."""
+    tags = [f"training:{training_id}", f"owner:{hash_key(KEY)}"]
+    return {"flow_runs": {"tags": {"all_": tags}}, "limit": 10}
+
+
+def gateway_find_ms(settings: Settings, training_id: str, count: int) -> dict[str, float]:
+    """The facade's own Prefect call (PrefectGateway.find_training: HTTP + FlowRun parsing), in-process."""
+    from api.gateway import PrefectGateway
+
+    async def timed() -> list[float]:
+        times = []
+        async with PrefectGateway(settings.prefect_api) as gateway:
+            for _ in range(count + 1):
+                begin = time.perf_counter()
+                await gateway.find_training(training_id, hash_key(KEY))
+                times.append(time.perf_counter() - begin)
+        return sorted(times[1:])
+
+    ordered = asyncio.run(timed())
+    return {"calls": count, "median_ms": 1000 * statistics.median(ordered), "p90_ms": 1000 * percentile(ordered, 90)}
+
+
+def one_at_a_time(settings: Settings, training_id: str, count: int) -> dict[str, Any]:
+    """Sequential latencies of the whole request and of its parts."""
+    from flows.records import read_manifest, read_stage
+    from flows.store import store_from_settings
+
+    store = store_from_settings(settings)
+    status_url = f"{base_url(settings)}/api/v3/fine_tune_status/{training_id}"
+    with httpx.Client(timeout=30) as client:
+        return {
+            "status_request": sequential_ms(lambda: client.post(status_url, json={"key": KEY}), count),
+            "facade_floor_401": sequential_ms(lambda: client.post(status_url, json={"key": "wrong"}), count),
+            "prefect_filter": sequential_ms(
+                lambda: client.post(f"{settings.prefect_api}/flow_runs/filter", json=prefect_filter_body(training_id)),
+                count),
+            "gateway_find_training_in_process": gateway_find_ms(settings, training_id, count),
+            "store_reads": sequential_ms(lambda: (read_stage(store, training_id), read_manifest(store, training_id)),
+                                         count),
+        }
+
+
+def measure(settings: Settings, training_id: str, args: argparse.Namespace) -> dict[str, Any]:
+    status_url = f"{base_url(settings)}/api/v3/fine_tune_status/{training_id}"
+    floor_total = min(args.requests, 1000)
+    status = asyncio.run(hammer(status_url, {"key": KEY}, 200, args.clients, args.requests, args.seconds))
+    floor = asyncio.run(hammer(status_url, {"key": "wrong"}, 401, args.clients, floor_total, args.seconds))
+    prefect = asyncio.run(hammer(f"{settings.prefect_api}/flow_runs/filter", prefect_filter_body(training_id), 200,
+                                 args.clients, floor_total, args.seconds))
+    return {"status_endpoint": status.summary(),
+            "facade_floor_401_same_route": floor.summary(),
+            "prefect_flow_run_filter_direct": prefect.summary(),
+            "one_at_a_time": one_at_a_time(settings, training_id, 50)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args(argv)
+
+    from tasks.sample_photos import write_sample_photos
+
+    load_before = load_average()
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-status-"))
+    settings, stack = start_bench_stack(data_dir / "data", sandbox_steps=10)
+    try:
+        photo = write_sample_photos(data_dir / "photos", 1)[0]
+        with httpx.Client(base_url=base_url(settings), timeout=60) as client:
+            training_id = create_sandbox(client, [jpeg_data_uri(photo)])
+            final = wait_until_done(client, training_id, timeout_s=600)
+        figures = measure(settings, training_id, args)
+    finally:
+        stack.stop()
+    status = figures["status_endpoint"]
+    body = {
+        "setup": {"clients": args.clients, "max_requests": args.requests, "max_seconds": args.seconds,
+                  "client": "one httpx.AsyncClient in one asyncio process on the same machine",
+                  "server": "uvicorn, 1 process; Prefect server (SQLite); local storage",
+                  "training_status_during_load": final.get("training_status")},
+        **figures,
+        "targets": {"requests_per_second": TARGET_RPS, "p99_ms": TARGET_P99_MS},
+        "meets_targets": status["requests_per_second"] >= TARGET_RPS and status["p99_ms"] < TARGET_P99_MS
+        and status["errors"] == 0,
+    }
+    path = write_result("status_api", body, load_before)
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

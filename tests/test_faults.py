@@ -1,0 +1,109 @@
+"""Faults injected for real on the running stack: a training process killed mid-training, a webhook
+receiver that is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from stackserver import KEYS, RunningStack, data_uri
+from tasks.sample_photos import write_sample_photos
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_sample_photos(tmp_path_factory.mktemp("fault-photos"), count=2)
+
+
+def wait_for_step(stack: RunningStack, training_id: str, step: int, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    with stack.client() as client:
+        while time.monotonic() < deadline:
+            status = client.post(f"/api/v3/fine_tune_status/{training_id}", json={"key": KEYS[0]}).json()
+            assert status["training_status"] not in ("failed", "model_ready"), status
+            if status["progress"]["step"] >= step:
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"{training_id} did not reach step {step}")
+
+
+def test_a_killed_training_process_is_rerun_and_resumes_from_its_checkpoint(
+    stack: RunningStack, photos: list[Path]
+) -> None:
+    every = stack.settings.checkpoint_every
+    with stack.client() as client:
+        created = client.post("/api/v3/lora_fine_tune", json={
+            "key": KEYS[0], "instance_prompt": "photo of sks person", "base_model_id": "tiny",
+            "images": [data_uri(p) for p in photos], "max_train_steps": str(6 * every), "training_type": "women",
+        }).json()
+    training_id = created["training_id"]
+    wait_for_step(stack, training_id, 2 * every + 5)  # at least one checkpoint is stored
+    os.kill(int(stack.flow_run(training_id)["infrastructure_pid"]), signal.SIGKILL)  # the worker's child dies
+
+    status, _ = stack.wait_until_done(training_id, KEYS[0], timeout_s=400)
+    assert status["training_status"] == "model_ready", status
+    manifest = json.loads(stack.store.get_bytes(f"trainings/{training_id}/manifest.json"))
+    assert manifest["resumed_from"] is not None and manifest["resumed_from"] >= every, manifest
+    assert manifest["steps"] == 6 * every
+    assert stack.flow_run(training_id)["run_count"] >= 2
+    assert not stack.store.list(f"trainings/{training_id}/checkpoints/")  # gone once the model is complete
+
+
+def test_a_webhook_receiver_that_is_down_does_not_affect_the_training(stack: RunningStack, photos: list[Path]) -> None:
+    from s3server import free_ports
+
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}/hook"  # nothing listens there
+    with stack.client() as client:
+        created = client.post("/api/sandbox/v3/fine_tune", json={
+            "key": KEYS[0], "instance_prompt": "photo of sks person", "images": [data_uri(photos[0])],
+            "webhook": dead}).json()
+    status, _ = stack.wait_until_done(created["training_id"], KEYS[0])
+    assert status["training_status"] == "model_ready", status
+
+
+def test_two_workers_share_one_gpu_slot_and_finish_every_training(stack: RunningStack, photos: list[Path]) -> None:
+    """A second worker joins the pool; four queued trainings at DREAMFLOW_GPU_SLOTS=1: both workers
+    take work, no two trainings hold the GPU at once, all four finish."""
+    import subprocess
+
+    import httpx
+
+    from deployments.stack import bin_path
+
+    assert stack.settings.gpu_slots == 1
+    second = stack.stack.spawn("worker-1", [bin_path("prefect"), "worker", "start", "--pool",
+                                            stack.settings.work_pool, "--type", "process", "--name", "dreamflow-worker-1"])
+    try:
+        with stack.client() as client:
+            ids = [client.post("/api/sandbox/v3/fine_tune", json={
+                "key": KEYS[1], "instance_prompt": "photo of sks person", "images": [data_uri(photos[i % 2])],
+            }).json()["training_id"] for i in range(4)]
+        busiest = 0
+        deadline = time.monotonic() + 600
+        while True:
+            limit = httpx.get(f"{stack.settings.prefect_api}/v2/concurrency_limits/dreamflow-gpu", timeout=10).json()
+            busiest = max(busiest, limit["active_slots"])
+            states = [stack.flow_run(i)["state"]["type"] for i in ids]
+            if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert states == ["COMPLETED"] * 4, states
+        assert busiest == 1
+        spans = sorted(tuple(json.loads(stack.store.get_bytes(f"trainings/{i}/manifest.json"))["trained_between"])
+                       for i in ids)
+        assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
+        run_ids = [stack.flow_run(i)["id"] for i in ids]
+        for name in ("worker-0", "worker-1"):
+            log = (stack.stack.log_dir / f"{name}.log").read_text()
+            assert any(f"submitting flow run '{run_id}'" in log for run_id in run_ids), f"{name} took none of them"
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(15)
+        except subprocess.TimeoutExpired:
+            second.kill()

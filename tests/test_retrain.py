@@ -1,0 +1,90 @@
+"""Scheduled retraining through the real stack: the `retrain` deployment started through the
+Prefect API (as its schedule would), on a dataset folder in the S3 store.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from flows.records import Manifest, read_manifest
+from prefectruns import start_deployment, wait_for_final, wait_for_log
+from stackserver import RunningStack
+from tasks.datasets import ModelVersion
+from tasks.sample_photos import write_sample_photos
+
+DEPLOYMENT = "dreamflow-retrain/retrain"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_sample_photos(tmp_path_factory.mktemp("retrain-photos"), count=3)
+
+
+def retrain(stack: RunningStack, name: str, keep_versions: int = 3) -> tuple[str, str, float, UUID]:
+    """Run the deployment once to a final state; returns its state type, state message, seconds and id."""
+    params = {"model_name": name, "instance_prompt": "photo of sks thing", "max_train_steps": 5,
+              "sample_count": 1, "keep_versions": keep_versions}
+    started = time.monotonic()
+    run_id = start_deployment(stack.settings.prefect_api, DEPLOYMENT, {"params": params})
+    run = wait_for_final(stack.settings.prefect_api, run_id)
+    seconds = time.monotonic() - started
+    assert run.state is not None
+    return run.state.type.value, run.state.message or "", seconds, run_id
+
+
+def latest(stack: RunningStack, name: str) -> ModelVersion:
+    return ModelVersion.model_validate_json(stack.store.get_bytes(f"models/{name}/latest.json"))
+
+
+def assert_version_published(stack: RunningStack, name: str, version: int) -> None:
+    """models/<name>/v<N>/ holds the manifest and a copy of every file it names, byte for byte."""
+    prefix = f"models/{name}/v{version}/"
+    published = Manifest.model_validate_json(stack.store.get_bytes(f"{prefix}manifest.json"))
+    training = read_manifest(stack.store, f"{name}-v{version}")
+    assert training is not None and published.training_id == training.training_id
+    assert set(published.files) == set(training.files) and published.files
+    for file_name, copy in published.files.items():
+        assert copy.key.startswith(prefix)
+        assert copy.sha256 == training.files[file_name].sha256
+        assert stack.store.get_bytes(copy.key) == stack.store.get_bytes(training.files[file_name].key)
+
+
+def test_retrains_only_when_the_dataset_changed_and_keeps_the_last_versions(
+    stack: RunningStack, photos: list[Path]
+) -> None:
+    name = f"retrain-{uuid.uuid4().hex[:6]}"
+    for photo in photos[:2]:
+        stack.store.put_file(f"datasets/{name}/{photo.name}", photo)
+
+    state, message, first_s, _ = retrain(stack, name)
+    assert state == "COMPLETED", message
+    assert message == f"published {name} v1 (2 images)"
+    first = latest(stack, name)
+    assert (first.version, first.images, first.training_id) == (1, 2, f"{name}-v1")
+    assert_version_published(stack, name, 1)
+
+    state, message, unchanged_s, run_id = retrain(stack, name)
+    assert state == "COMPLETED"
+    assert message == "dataset unchanged since v1, nothing to do"
+    wait_for_log(stack.settings.prefect_api, run_id, "dataset unchanged since v1, nothing to do")
+    assert latest(stack, name) == first
+    assert not stack.store.list(f"trainings/{name}-v2/")
+
+    stack.store.put_file(f"datasets/{name}/{photos[2].name}", photos[2])
+    state, message, second_s, _ = retrain(stack, name, keep_versions=1)
+    assert state == "COMPLETED", message
+    assert message == f"published {name} v2 (3 images), deleted v1"
+    second = latest(stack, name)
+    assert (second.version, second.images, second.training_id) == (2, 3, f"{name}-v2")
+    assert second.dataset_hash != first.dataset_hash
+    assert_version_published(stack, name, 2)
+    remaining = {key.split("/")[2] for key in stack.store.list(f"models/{name}/")}
+    assert remaining == {"v2", "latest.json"}
+    assert not stack.store.list(f"trainings/{name}-v1/")
+    print(f"\nretrain: v1 {first_s:.1f} s, unchanged {unchanged_s:.1f} s, v2 {second_s:.1f} s")
+    assert unchanged_s < first_s / 2
