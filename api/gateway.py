@@ -7,6 +7,7 @@ Every training is a flow run of a deployment, named by its training id and tagge
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,13 +23,15 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
+from flows.records import APP_TAG, owner_tag, training_tag
 
 log = logging.getLogger("dreamflow.gateway")
 
-APP_TAG = "dreamflow"
 CLEANUP_TAG = "dreamflow-cleanup"
 CLEANUP_DEPLOYMENT = "dreamflow-cleanup/cleanup"
 LIST_LIMIT = 200
+STATUS_CACHE_S = 1.0
+CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
 
@@ -64,20 +67,14 @@ def created_at(run: TrainingRun) -> float:
     return run.created.timestamp() if run.created else 0.0
 
 
-def owner_tag(owner: str) -> str:
-    return f"owner:{owner}"
-
-
-def training_tag(training_id: str) -> str:
-    return f"training:{training_id}"
-
-
 class PrefectGateway:
     """Async gateway over one long-lived Prefect client (enter it once, in the app's lifespan)."""
 
-    def __init__(self, api_url: str) -> None:
+    def __init__(self, api_url: str, cache_s: float = STATUS_CACHE_S) -> None:
         self._client = PrefectClient(api_url)
         self._deployment_ids: dict[str, UUID] = {}
+        self._cache_s = cache_s
+        self._recent: dict[tuple[str, str], tuple[float, TrainingRun]] = {}
 
     async def __aenter__(self) -> PrefectGateway:
         await self._client.__aenter__()
@@ -108,17 +105,35 @@ class PrefectGateway:
         return _as_training_run(run)
 
     async def find_training(self, training_id: str, owner: str) -> TrainingRun | None:
-        """The caller's training with this id, or None (unknown ids and others' ids alike)."""
+        """The caller's training with this id, or None (unknown ids and others' ids alike).
+
+        Answers are reused for ``cache_s`` seconds: many clients polling one training cost one
+        Prefect query per interval, and a state is at most that old.
+        """
+        now = time.monotonic()
+        cached = self._recent.get((training_id, owner))
+        if cached is not None and now - cached[0] < self._cache_s:
+            return cached[1]
         runs = await self._read_runs([training_tag(training_id), owner_tag(owner)], limit=10)
-        return max(runs, key=created_at) if runs else None  # a rerun is the newest
+        if not runs:
+            return None
+        run = max(runs, key=created_at)  # a rerun is the newest
+        if len(self._recent) > CACHE_ENTRIES:
+            self._recent.clear()
+        self._recent[(training_id, owner)] = (now, run)
+        return run
+
+    def forget_cached(self, training_id: str, owner: str) -> None:
+        self._recent.pop((training_id, owner), None)
 
     async def list_trainings(self, owner: str) -> list[TrainingRun]:
         """The caller's trainings, newest first."""
         runs = await self._read_runs([APP_TAG, owner_tag(owner)], limit=LIST_LIMIT)
         return sorted(runs, key=created_at, reverse=True)
 
-    async def cancel_training(self, run: TrainingRun) -> None:
+    async def cancel_training(self, run: TrainingRun, owner: str) -> None:
         """Cancel a queued run at once; ask the worker to stop a started one (Cancelling)."""
+        self.forget_cached(run.training_id, owner)
         state = Cancelled(message="cancelled by the owner") if run.state in NOT_STARTED else Cancelling(
             message="cancelled by the owner"
         )
@@ -127,6 +142,7 @@ class PrefectGateway:
 
     async def forget_training(self, run: TrainingRun, owner: str) -> None:
         """Take the run out of its owner's view (the run stays in Prefect's record, marked deleted)."""
+        self.forget_cached(run.training_id, owner)
         async with prefect_errors():
             current = await self._client.read_flow_run(run.flow_run_id)
             tags = [t for t in current.tags if t != owner_tag(owner)] + [f"deleted-owner:{owner}"]

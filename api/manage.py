@@ -63,7 +63,7 @@ async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep, s
         if run.state not in ACTIVE:
             state = run.state.value.lower() if run.state else "finished"
             raise ApiError(409, f"training {training_id} already ended ({state}); only queued or running trainings can be cancelled")
-        await gateway.cancel_training(run)
+        await gateway.cancel_training(run, owner)
         await gateway.start_cleanup(training_id, run, "cancelled")
     return MessagePublic(messege="training cancelled", data=f"training {training_id} cancelled")
 
@@ -78,6 +78,6 @@ async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep) -
     run = await owned_run(gateway, training_id, owner)
     await gateway.forget_training(run, owner)
     if run.state in ACTIVE:
-        await gateway.cancel_training(run)
+        await gateway.cancel_training(run, owner)
     await gateway.start_cleanup(training_id, run, "deleted")
     return MessagePublic(messege="model deleted", data=f"model {training_id} deleted; its files are being removed")

@@ -22,6 +22,7 @@ job - training loop; and what the client saw (POST -> model_ready in a 0.2 s sta
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs[name] = run_job(settings, client, images, args.timeout)
     finally:
         stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
     warm = jobs["warm"]
     body = {
         "setup": {"photos": len(images), "photo_side": PHOTO_SIDE, "format": "JPEG data URIs",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = measure(settings, training_id, args)
     finally:
         stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     status = figures["status_endpoint"]
     body = {
         "setup": {"clients": args.clients, "max_requests": args.requests, "max_seconds": args.seconds,

@@ -18,6 +18,17 @@ from flows.store import ObjectNotFound, ObjectStore
 LOG_LINES_KEPT = 50
 
 
+APP_TAG = "dreamflow"  # every training's flow run carries it, with training:<id> and owner:<key hash>
+
+
+def training_tag(training_id: str) -> str:
+    return f"training:{training_id}"
+
+
+def owner_tag(owner: str) -> str:
+    return f"owner:{owner}"
+
+
 def training_prefix(training_id: str) -> str:
     return f"trainings/{training_id}/"
 

@@ -12,7 +12,14 @@ from flows.imagebytes import STORE_SCHEME
 from flows.params import Method, TrainingParams, TrainingType
 from flows.training import run_training
 from tasks.context import run_logger
-from tasks.datasets import DatasetSnapshot, RetrainPlan, compare_with_latest, hash_dataset, prune_versions, publish_version
+from tasks.datasets import (
+    DatasetSnapshot,
+    RetrainPlan,
+    compare_with_latest,
+    hash_dataset,
+    prune_versions,
+    publish_version,
+)
 
 DATASETS_ROOT = "datasets/"
 

@@ -12,6 +12,7 @@ from tasks.context import check_run_count, report_stage
 from tasks.convert import convert_weights
 from tasks.fetch import fetch_images
 from tasks.preprocess import crop_faces
+from tasks.registration import tag_own_run
 from tasks.samples import make_samples
 from tasks.storage import publish_manifest, upload_artifacts
 from tasks.train import train_model
@@ -45,6 +46,7 @@ def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
 def run_training(params: TrainingParams) -> str:
     """Train a model from a handful of photos and publish it with its samples and manifest."""
     check_run_count(params.training_id)
+    tag_own_run(params)  # runs started from the UI or a schedule become visible to their owner
     raw = fetch_images(params)
     crops = crop_faces(params, raw)
     captions = caption_images(params, crops)

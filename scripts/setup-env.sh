@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 stamp=.venv/.dreamflow-installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt scripts/setup-env.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/dreamflow ]; then
   exit 0
 fi
@@ -33,6 +33,8 @@ for url in $extra; do
   esac
 done
 
-.venv/bin/uv pip install --python .venv/bin/python --index-strategy unsafe-best-match \
+# --compile-bytecode: this environment may set PYTHONDONTWRITEBYTECODE, and every flow-run process
+# imports torch, diffusers and prefect; without .pyc files each of them compiles them again.
+.venv/bin/uv pip install --python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode \
   "${args[@]}" -c constraints.txt -e '.[test]'
 echo "$want" > "$stamp"

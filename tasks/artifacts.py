@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import re
 
-from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_image_artifact, create_markdown_artifact, create_progress_artifact, update_progress_artifact,
+)
 from prefect.context import FlowRunContext, TaskRunContext
 
 from flows.records import Manifest
@@ -22,9 +26,34 @@ def artifact_key(training_id: str, kind: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{training_id}".lower()).strip("-")
 
 
+def in_run() -> bool:
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+class ProgressArtifact:
+    """The training's progress bar on the run's page in the Prefect UI (percent of steps done)."""
+
+    def __init__(self, training_id: str) -> None:
+        self.training_id = training_id
+        self._id: UUID | None = None
+
+    def update(self, step: int, total: int) -> None:
+        if not in_run():
+            return
+        percent = round(100.0 * step / max(total, 1), 1)
+        try:
+            if self._id is None:
+                self._id = create_progress_artifact(percent, key=artifact_key(self.training_id, "training-progress"),
+                                                    description=f"training steps of {self.training_id}")
+            else:
+                update_progress_artifact(self._id, percent)
+        except Exception as exc:  # noqa: BLE001 - boundary to the Prefect API; progress is also in status.json
+            run_logger().warning("could not update the progress artifact: %s", exc)
+
+
 def publish_artifacts(training_id: str, kind: str, markdown: str, description: str, images: dict[str, str]) -> None:
     """One markdown artifact and an image artifact per ``images`` entry; nothing outside a Prefect run."""
-    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+    if not in_run():
         return
     try:
         create_markdown_artifact(markdown, key=artifact_key(training_id, kind), description=description)

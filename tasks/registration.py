@@ -13,13 +13,12 @@ from prefect import get_client, task
 from prefect.runtime import flow_run
 
 from flows.params import TrainingParams
-
-APP_TAG = "dreamflow"  # the tags api/gateway.py filters by
+from flows.records import APP_TAG, owner_tag, training_tag
 
 
 def run_tags(params: TrainingParams) -> list[str]:
     """The tags that put a training in its owner's ``finetune_list`` and status."""
-    return [APP_TAG, f"training:{params.training_id}", f"owner:{params.owner}"]
+    return [APP_TAG, training_tag(params.training_id), owner_tag(params.owner)]
 
 
 @task(name="register-run", retries=3, retry_delay_seconds=[1, 2, 5])

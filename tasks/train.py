@@ -14,6 +14,7 @@ from flows.params import TrainingParams, TrainingStatus
 from flows.records import training_prefix
 from flows.registry import BaseModelEntry
 from flows.settings import GPU_CONCURRENCY_LIMIT
+from tasks.artifacts import ProgressArtifact
 from tasks.context import base_model, report_stage, worker_settings, worker_store, workdir
 from tasks.models import resolve_pretrained
 
@@ -43,14 +44,17 @@ class TrainOutput(BaseModel):
 
 
 def progress_reporter(training_id: str) -> Callable[[ProgressEvent], None]:
-    """An ``on_progress`` that publishes step, loss and the measured rate at most once per interval."""
+    """An ``on_progress`` that publishes step, loss and the measured rate at most once per interval,
+    to the status record and to the progress artifact in the Prefect UI."""
     last = [0.0]
+    artifact = ProgressArtifact(training_id)
 
     def on_progress(event: ProgressEvent) -> None:
         now = time.monotonic()
         if now - last[0] < REPORT_INTERVAL_S and event.step < event.total:
             return
         last[0] = now
+        artifact.update(event.step, event.total)
         report_stage(
             training_id, TrainingStatus.TRAINING_STARTED, "training",
             f"Step:{event.step}/{event.total} loss {event.loss:.4f}",

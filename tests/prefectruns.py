@@ -59,11 +59,13 @@ def wait_for_log(api_url: str, run_id: UUID, text: str, timeout_s: float = 20) -
     """The run's log messages once one contains ``text`` (the worker ships logs in batches, so they
     may reach the server after the final state)."""
     deadline = time.monotonic() + timeout_s
-    while not any(text in line for line in (messages := run_messages(api_url, run_id))):
+    while True:
+        messages = run_messages(api_url, run_id)
+        if any(text in line for line in messages):
+            return messages
         if time.monotonic() > deadline:
             raise AssertionError(f"no log line with {text!r} after {timeout_s} s; got {messages[-5:]}")
         time.sleep(0.5)
-    return messages
 
 
 def run_messages(api_url: str, run_id: UUID) -> list[str]:

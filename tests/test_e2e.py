@@ -84,7 +84,8 @@ def test_lora_training_from_rest_call_to_loadable_weights(
     artifacts = {a["key"]: a for a in stack.artifacts(body["training_id"])}
     training = body["training_id"].lower()
     assert {f"model-summary-{training}", f"sample-grid-{training}", f"loss-curve-{training}",
-            f"crop-report-{training}", f"contact-sheet-{training}"} <= set(artifacts)
+            f"crop-report-{training}", f"contact-sheet-{training}", f"training-progress-{training}"} <= set(artifacts)
+    assert artifacts[f"training-progress-{training}"]["data"] == 100.0
     summary = artifacts[f"model-summary-{training}"]["data"]
     assert "lora_kohya" in summary and "final loss" in summary
     loss_curve = httpx.get(artifacts[f"loss-curve-{training}"]["data"], timeout=10)

@@ -20,7 +20,7 @@ from flows.params import TrainingParams
 from flows.records import read_manifest
 from flows.settings import hash_key
 from flows.store import ObjectStore, StorageUnavailable
-from stackserver import KEYS, RunningStack, data_uri
+from stackserver import KEYS, RunningStack
 from tasks import context
 from tasks.sample_photos import write_sample_photos
 
@@ -66,8 +66,11 @@ def test_failure_before_the_manifest_leaves_no_ready_model_and_a_rerun_completes
 
     owner = hash_key(KEYS[0])
     photos = write_sample_photos(tmp_path / "photos", count=2)
+    inputs = [f"trainings/ManifestT01/inputs/{p.name}" for p in photos]  # as the facade stores uploads
+    for key, photo in zip(inputs, photos, strict=True):
+        stack.store.put_file(key, photo)
     params = TrainingParams(training_id="ManifestT01", owner=owner, instance_prompt="photo of sks person",
-                            base_model_id="tiny", images=[data_uri(p) for p in photos], max_train_steps=5,
+                            base_model_id="tiny", images=[f"store:{key}" for key in inputs], max_train_steps=5,
                             training_type="women", sample_count=1, sample_steps=2)
     outage = ManifestOutage(context.worker_store())
     monkeypatch.setattr(storage, "worker_store", lambda: outage)
