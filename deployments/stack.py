@@ -140,6 +140,12 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
         pass
 
 
+def worker_command(settings: Settings, index: int) -> list[str]:
+    """A process worker of the pool that runs at most ``worker_runs`` flow runs at once."""
+    return [bin_path("prefect"), "worker", "start", "--pool", settings.work_pool, "--type", "process",
+            "--name", f"dreamflow-worker-{index}", "--limit", str(settings.worker_runs)]
+
+
 def start_stack(settings: Settings, workers: int = 1) -> Stack:
     """Bring every service up and return once the facade answers."""
     key = dev_key(settings)
@@ -154,8 +160,7 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
             wait_http(f"{settings.prefect_api}/health", 90, server)
         _prepare_pool_and_deployments(stack, prefect)
         for index in range(workers):
-            stack.spawn(f"worker-{index}", [prefect, "worker", "start", "--pool", settings.work_pool,
-                                            "--type", "process", "--name", f"dreamflow-worker-{index}"])
+            stack.spawn(f"worker-{index}", worker_command(settings, index))
         facade = stack.spawn("facade", [bin_path("uvicorn"), "api.app:create_app", "--factory", "--host",
                                         settings.api_host, "--port", str(settings.api_port), "--no-access-log"])
         wait_http(f"http://{settings.api_host}:{settings.api_port}/docs", 60, facade)

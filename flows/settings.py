@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(None, description="Standard Webhooks signing secret.")
     allow_private_networks: bool = Field(False, description="Let image/webhook URLs reach private addresses.")
     gpu_slots: int = Field(1, ge=1, description="Trainings that may run at once per pool.")
+    worker_runs: int = Field(2, ge=1, description="Flow runs one worker runs at once (a training and a cleanup, say).")
     work_pool: str = Field("dreamflow", description="Prefect work pool the deployments run on.")
     registry_file: Path | None = Field(None, description="Base-model registry overriding the bundled one.")
     link_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of download links.")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from tasks.engine_config import ProgressEvent, TrainConfig
 
 REPORT_INTERVAL_S = 1.0
+GPU_LEASE_S = 60.0  # the shortest lease the Prefect server accepts
 LYCORIS_ALGORITHM = "loha"  # what lora_type=lycoris trains: LoHa, the LyCORIS algorithm A1111/ComfyUI load most widely
 
 
@@ -111,7 +112,9 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     pretrained = resolve_pretrained(entry)
     config = train_config(params, entry, pretrained, torch.cuda.is_available())
     report_stage(params.training_id, TrainingStatus.DEPLOYING_GPU, "waiting-for-gpu", "waiting for a free GPU slot")
-    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1):  # one GPU slot per training, across all workers
+    # One GPU slot per training, across all workers. The lease is renewed while training runs; a
+    # process that died (and so stopped renewing) frees its slot within GPU_LEASE_S.
+    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, lease_duration=GPU_LEASE_S):
         started_at = time.time()
         report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "training",
                      f"Training Started on {len(crop_paths)} images", step=0, total_steps=params.max_train_steps)

@@ -207,6 +207,9 @@ def test_webhooks_are_signed_retried_and_follow_the_status_order(
         created = client.post("/api/sandbox/v3/fine_tune", json=example("sandbox", photos[:2], webhook=url)).json()
     stack.wait_until_done(created["training_id"], KEYS[0])
     calls = receiver.calls  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30  # the status says model_ready once the manifest exists; its webhook follows
+    while b'"model_ready"' not in calls[-1][1] and time.monotonic() < deadline:
+        time.sleep(0.2)
     bodies = [json.loads(body) for _, body in calls]
     assert calls[0][0]["webhook-id"] == calls[1][0]["webhook-id"]  # the 500 was retried with the same id
     for headers, body in calls:

@@ -16,7 +16,8 @@ from flows.params import TrainingParams
 from flows.records import read_stage
 from tasks.context import worker_settings, worker_store
 from tasks.crop_report import COLUMNS, LABEL_HEIGHT, THUMB_SIDE
-from tasks.preprocess import TooFewImages, artifact_key, crop_faces, publish_artifacts
+from tasks.artifacts import artifact_key, publish_artifacts
+from tasks.preprocess import TooFewImages, crop_faces
 from tasks.sample_photos import write_sample_photos
 
 TRAINING_ID = "crop-test-1"
@@ -88,5 +89,5 @@ def test_too_few_images_fail_with_the_reasons(worker_env: Path, monkeypatch: pyt
 
 
 def test_artifacts_are_skipped_outside_a_prefect_run() -> None:
-    publish_artifacts(TRAINING_ID, "# report", "http://127.0.0.1/sheet.png")  # no run: returns quietly
+    publish_artifacts(TRAINING_ID, "crop-report", "# report", "crops", {"contact-sheet": "http://127.0.0.1/sheet.png"})
     assert artifact_key("Abc_12.x", "crop-report") == "crop-report-abc-12-x"
