@@ -19,7 +19,10 @@ if [ -z "$python" ]; then
 fi
 echo "setting up .venv with $python"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-[ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet --disable-pip-version-check uv
+if [ ! -x .venv/bin/uv ]; then
+  .venv/bin/python -m pip --version >/dev/null 2>&1 || .venv/bin/python -m ensurepip --upgrade >/dev/null
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check uv
+fi
 
 # Local wheel folder and file:// indexes configured for pip on this machine, when they exist.
 args=()
