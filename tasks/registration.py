@@ -38,3 +38,24 @@ def tag_own_run(params: TrainingParams) -> list[str]:
         if tags != list(current.tags) or current.name != params.training_id:
             client.update_flow_run(UUID(run_id), name=params.training_id, tags=tags)
     return tags
+
+
+def stage_seconds() -> dict[str, float]:
+    """Wall seconds per stage of the current flow run (its finished task runs, summed by task name).
+
+    For the manifest; a task that runs twice (the two uploads, or a rerun after a crash) adds up.
+    """
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return {}
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[UUID(run_id)])))
+    totals: dict[str, float] = {}
+    for run in task_runs:
+        if run.start_time is not None and run.end_time is not None:
+            name = run.name.rsplit("-", 1)[0]  # "train-model-9ce" -> "train-model"
+            totals[name] = totals.get(name, 0.0) + (run.end_time - run.start_time).total_seconds()
+    return {name: round(seconds, 3) for name, seconds in sorted(totals.items())}

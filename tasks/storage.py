@@ -12,6 +12,7 @@ from prefect import task
 from flows.params import TrainingParams, TrainingStatus
 from flows.records import Manifest, StoredFile, training_prefix, write_manifest
 from tasks.artifacts import publish_model_artifacts
+from tasks.registration import stage_seconds
 from tasks.context import base_model, remove_workdir, report_stage, worker_store
 from tasks.train import TrainOutput
 
@@ -58,7 +59,7 @@ def publish_manifest(
         parameters=params.model_dump(mode="json", exclude={"images", "webhook", "owner"}),
         files=exports, samples=[samples[k] for k in sorted(samples)],
         final_loss=trained.final_loss, steps=trained.steps, resumed_from=trained.resumed_from,
-        trained_between=trained.trained_between, created_at=time.time(),
+        trained_between=trained.trained_between, stage_seconds=stage_seconds(), created_at=time.time(),
     )
     store = worker_store()
     store.delete_prefix(f"{training_prefix(params.training_id)}checkpoints/")  # the model is complete without them

@@ -72,7 +72,8 @@ def test_lora_training_from_rest_call_to_loadable_weights(
     manifest = json.loads(stack.store.get_bytes(f"trainings/{body['training_id']}/manifest.json"))
     assert manifest["files"]["lora_diffusers"]["sha256"] == hashlib.sha256(diffusers_file.read_bytes()).hexdigest()
     assert manifest["files"]["lora_kohya"]["sha256"] == hashlib.sha256(kohya_file.read_bytes()).hexdigest()
-    assert "images" not in manifest["parameters"]
+    assert "images" not in manifest["parameters"] and "webhook" not in manifest["parameters"]
+    assert {"fetch-images", "crop-faces", "train-model", "convert-weights", "make-samples"} <= set(manifest["stage_seconds"])
 
     from tasks.sampling import lora_output_difference
     from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
