@@ -50,6 +50,7 @@ class TrainingRun:
     state_message: str | None
     created: datetime | None
     parameters: dict[str, Any]
+    state_since: datetime | None = None
 
 
 def _as_training_run(run: FlowRun) -> TrainingRun:
@@ -60,6 +61,7 @@ def _as_training_run(run: FlowRun) -> TrainingRun:
         state_message=run.state.message if run.state else None,
         created=run.created,
         parameters=dict(run.parameters.get("params") or {}),
+        state_since=run.state.timestamp if run.state else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from collections.abc import Callable
 
 from prefect.client.schemas.objects import StateType
@@ -19,6 +20,17 @@ PRE_TRAINING_S = 15.0
 
 WAITING = {None, StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED}
 ENDED_BADLY = {StateType.FAILED, StateType.CRASHED}
+# A crashed training is put back in the queue by the crash-rerun automation within seconds; until
+# then (and for this long at most) it is shown as waiting, not failed.
+CRASH_RERUN_GRACE_S = 120.0
+CRASH_LINE = "the worker was lost; the training is queued again and resumes from its last checkpoint"
+
+
+def awaiting_rerun(run: TrainingRun) -> bool:
+    """A crash recent enough that the rerun automation has not rescheduled it yet."""
+    if run.state != StateType.CRASHED or run.state_since is None:
+        return False
+    return (datetime.now(timezone.utc) - run.state_since).total_seconds() < CRASH_RERUN_GRACE_S
 CANCELLED = {StateType.CANCELLED, StateType.CANCELLING}
 
 
@@ -36,6 +48,8 @@ def public_status(run: TrainingRun, stage: StageRecord | None, manifest: Manifes
     """One of the ten status values, from what Prefect and the store say."""
     if run.state in CANCELLED:
         return TrainingStatus.CANCELLED
+    if awaiting_rerun(run):
+        return TrainingStatus.DEPLOYING_GPU
     if run.state in ENDED_BADLY:
         return TrainingStatus.FAILED
     if manifest is not None:
@@ -98,6 +112,8 @@ def compose_status(
     step = total if status == TrainingStatus.MODEL_READY else (stage.step if stage else 0)
     eta = eta_seconds(status, stage, total, seconds_per_step)
     last_line = stage.log[-1] if stage and stage.log else "Deploying GPU, waiting for a worker"
+    if awaiting_rerun(run):
+        last_line = CRASH_LINE
     data = f"{last_line}, ETA : {eta_text(eta)}" if eta is not None else last_line
     links, test_image = model_links(manifest, link)
     return StatusPublic(
