@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,23 +15,10 @@ import httpx
 
 from deployments.stack import Stack, start_stack
 from flows.settings import Settings
+from deployments.stack import free_ports
 
 KEY = "bench-key"
 TERMINAL = {"model_ready", "failed", "cancelled"}
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def start_bench_stack(data_dir: Path, **overrides: Any) -> tuple[Settings, Stack]:

