@@ -1,12 +1,20 @@
 """GPU training benchmark: LoRA r16 on an SD-1.5-sized UNet at 512 px, batch 1, bf16.
 
 The UNet is built from the published SD 1.5 UNet config (values below) with random weights, so
-nothing is downloaded; inputs are random latents (1x4x64x64) and random text embeddings (1x77x768).
-It reports ms/step after warm-up, peak memory, and MFU against 1.72 TFLOP per training step, for
-eager vs torch.compile, with and without gradient checkpointing, into bench/results/gpu_train.json.
+nothing is downloaded. Two parts, each written into bench/results/gpu_train.json as it finishes:
 
-    python bench/gpu_train_bench.py                               # on a machine with an NVIDIA GPU
-    python bench/gpu_train_bench.py --device cpu --steps 2 --tiny # smoke test of the code path
+1. **Step** (`--parts step`, `extra`): ms/step after warm-up, peak memory and MFU against 1.72 TFLOP per
+   training step, for a bare loop (random latents 1x4x64x64, random text embeddings 1x77x768)
+   and for dreamflow's own optimisation step (`tasks.train_engine._optimisation_step` through
+   accelerate), each eager, with `torch.compile`, and with compile + CUDA graphs
+   (`mode="reduce-overhead"`); the bare loop also with gradient checkpointing.
+2. **Job** (`--parts job`): a whole `tasks.train_engine.train()` run, the code path a
+   training's flow runs, on an SD-1.5-shaped random pipeline (UNet, VAE, CLIP text encoder)
+   saved to disk: 15 images, 1000 steps, 512 px. Reports load/encode time, loop steps/s, total
+   seconds and peak GPU memory (and the same job with `compile_unet=True`).
+
+    python bench/gpu_train_bench.py                                    # on a machine with an NVIDIA GPU
+    python bench/gpu_train_bench.py --device cpu --tiny --steps 2       # smoke test of the code paths
 
 Without CUDA (and without `--device cpu`) it exits with status 2 and says why.
 """
@@ -16,10 +24,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FLOP_PER_STEP = 1.72e12
 """Forward + backward of the SD 1.5 UNet at 64x64 latents, batch 1 (LoRA adds little)."""
@@ -47,6 +61,29 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 8,
 }
 
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+SD15_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
 TINY_UNET_CONFIG: dict[str, Any] = {
     **SD15_UNET_CONFIG,
     "sample_size": 8,
@@ -57,15 +94,30 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": 32,
 }
 
-TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TINY_VAE_CONFIG: dict[str, Any] = {
+    **SD15_VAE_CONFIG, "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (32, 32), "layers_per_block": 1, "sample_size": 16,
+}
+
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    **SD15_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (compile happens here)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny UNet (smoke test), not SD 1.5-sized")
+    parser.add_argument("--parts", default="step,job,extra",
+                        help="comma-separated: step, job, extra (bare loop compiled, job with compile_unet)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per step variant")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed steps per variant (compile happens here)")
+    parser.add_argument("--job-steps", type=int, default=1000, help="optimisation steps of the whole-job part")
+    parser.add_argument("--job-images", type=int, default=15)
+    parser.add_argument("--tiny", action="store_true", help="tiny models (smoke test), not SD 1.5-sized")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "gpu_train.json")
     return parser.parse_args(argv)
@@ -79,15 +131,17 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def build_unet(tiny: bool, device: str, dtype: Any, gradient_checkpointing: bool) -> Any:
+    """Frozen UNet in `dtype` with an fp32 LoRA r16 on the attention projections (as the engine builds it)."""
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET_CONFIG))
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET_CONFIG))
     unet.requires_grad_(False)
     unet.to(device, dtype=dtype)
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES)))
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -97,15 +151,22 @@ def build_unet(tiny: bool, device: str, dtype: Any, gradient_checkpointing: bool
     return unet
 
 
-def run_variant(args: argparse.Namespace, compiled: bool, gradient_checkpointing: bool) -> dict[str, Any]:
+def _compile(model: Any, mode: str | None) -> Any:
+    import torch
+
+    return model if mode is None else torch.compile(model, mode=mode)
+
+
+def bare_step(args: argparse.Namespace, mode: str | None, gradient_checkpointing: bool) -> tuple[Callable[[], None], Any]:
+    """The plainest LoRA step: forward under autocast, MSE to the noise, backward, fused AdamW."""
     import torch
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     unet = build_unet(args.tiny, args.device, dtype, gradient_checkpointing)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    model = torch.compile(unet) if compiled else unet
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    model = _compile(unet, mode)
     config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
     side, context = config["sample_size"], config["cross_attention_dim"]
     latents = torch.randn(1, 4, side, side, device=args.device)
@@ -121,28 +182,194 @@ def run_variant(args: argparse.Namespace, compiled: bool, gradient_checkpointing
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, (unet, optimizer)
+
+
+def engine_step(args: argparse.Namespace, mode: str | None, gradient_checkpointing: bool) -> tuple[Callable[[], None], Any]:
+    """dreamflow's own optimisation step (accelerate backward, grad clipping, AdamW, LR schedule)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from tasks.engine_config import TrainConfig
+    from tasks.engine_data import Dataset
+    from tasks.engine_setup import Session, make_lr_scheduler, make_optimizer, new_accelerator
+    from tasks.train_engine import _optimisation_step
+
+    cuda = args.device == "cuda"
+    precision = "bf16" if cuda else "no"
+    config = TrainConfig(pretrained_path="unused", resolution=512, rank=16, max_train_steps=10_000, seed=0,
+                         mixed_precision=precision, use_8bit_adam=False)
+    accelerator = new_accelerator(precision)
+    unet = build_unet(args.tiny, args.device, torch.bfloat16 if cuda else torch.float32, gradient_checkpointing)
+    optimizer = make_optimizer(config, unet, None)
+    lr_scheduler = make_lr_scheduler(optimizer, config)
+    unet, optimizer, lr_scheduler = accelerator.prepare(_compile(unet, mode), optimizer, lr_scheduler)
+    unet_config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
+    side, context, count = unet_config["sample_size"], unet_config["cross_attention_dim"], 15
+    dataset = Dataset(
+        latent_mean=torch.randn(count, 4, side, side, device=args.device),
+        latent_std=torch.full((count, 4, side, side), 0.05, device=args.device),
+        embeddings=torch.randn(count, 77, context, device=args.device),
+        input_ids=torch.zeros(count, 77, dtype=torch.long, device=args.device),
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    session = Session(accelerator, unet, None, scheduler, optimizer, lr_scheduler, dataset, None, generator,
+                      torch.bfloat16 if cuda else torch.float32)
+    counter = iter(range(1, 1_000_000))
+    return (lambda: _optimisation_step(session, config, next(counter))), session
+
+
+def time_variant(args: argparse.Namespace, loop: str, name: str, mode: str | None, checkpointing: bool) -> dict[str, Any]:
+    import torch
+
+    cuda = args.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    build = bare_step if loop == "bare" else engine_step
+    step, keep = build(args, mode, checkpointing)
+    compile_started = time.perf_counter()
     for _ in range(args.warmup):
         step()
     _sync(cuda)
+    warmup_s = time.perf_counter() - compile_started
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
     _sync(cuda)
     ms = (time.perf_counter() - started) * 1000 / args.steps
     result = {
-        "compile": compiled,
-        "gradient_checkpointing": gradient_checkpointing,
-        "ms_per_step": round(ms, 2),
+        "loop": loop, "variant": name, "gradient_checkpointing": checkpointing, "ms_per_step": round(ms, 2),
+        "warmup_s": round(warmup_s, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        "trainable_params": sum(p.numel() for p in params),
     }
-    del model, unet, optimizer, params
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    del step, keep
+    _release(cuda)
     return result
+
+
+def step_plan(args: argparse.Namespace, extra: bool) -> list[tuple[str, str, str | None, bool]]:
+    """(loop, variant, compile mode, gradient checkpointing) to time; `extra` = the bare loop compiled."""
+    compiled = {} if args.no_compile or args.device == "cpu" else {k: v for k, v in COMPILE_MODES.items() if v}
+    if extra:
+        return [("bare", name, mode, False) for name, mode in compiled.items()]
+    plan = [("bare", "eager", None, True), ("bare", "eager", None, False), ("engine", "eager", None, False)]
+    return plan + [("engine", name, mode, False) for name, mode in compiled.items()]
+
+
+def step_part(args: argparse.Namespace, peak: float | None, report: dict[str, Any], extra: bool = False) -> None:
+    plan = step_plan(args, extra)
+    variants = report.setdefault("step_variants", [])
+    for loop, name, mode, checkpointing in plan:
+        try:
+            result = time_variant(args, loop, name, mode, checkpointing)
+        except Exception as exc:  # one variant failing must not lose the others' figures
+            traceback.print_exc()
+            result = {"loop": loop, "variant": name, "gradient_checkpointing": checkpointing, "error": repr(exc)[:400]}
+            _release(args.device == "cuda")
+        if peak and not args.tiny and "ms_per_step" in result:
+            result["mfu"] = round(FLOP_PER_STEP / (result["ms_per_step"] / 1000) / peak, 4)
+        variants.append(result)
+        print(json.dumps(result), flush=True)
+        write(args, report)
+
+
+def build_sd15_shaped_pipeline(folder: Path, tiny: bool) -> Path:
+    """An SD-1.5-shaped pipeline with random weights (published layer sizes), saved as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tasks.tiny_models import _build_tokenizer
+
+    tokenizer = _build_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                 bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.eos_token_id,
+                                 **(TINY_TEXT_CONFIG if tiny else SD15_TEXT_CONFIG))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**(TINY_VAE_CONFIG if tiny else SD15_VAE_CONFIG)),
+            text_encoder=CLIPTextModel(text_config),
+            tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET_CONFIG)),
+            scheduler=DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                    beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    del pipe
+    return folder
+
+
+def job_images(folder: Path, count: int, side: int) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        path = folder / f"photo_{index:02d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def run_job(args: argparse.Namespace, model: Path, images: list[Path], out_dir: Path, compiled: bool) -> dict[str, Any]:
+    """One whole `train()` run, the flow's code path; the loop's rate comes from its own progress events."""
+    import torch
+
+    from tasks.engine_config import ProgressEvent, TrainConfig
+    from tasks.train_engine import train
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    events: list[tuple[float, ProgressEvent]] = []
+    config = TrainConfig(
+        pretrained_path=str(model), resolution=64 if args.tiny else 512, rank=16, max_train_steps=args.job_steps,
+        seed=0, mixed_precision="bf16" if cuda else "no", use_8bit_adam=False, report_every=max(1, min(50, args.job_steps // 4)),
+        compile_unet=compiled,
+    )
+    started = time.perf_counter()
+    result = train(config, images, ["a photo of sks person"] * len(images), out_dir,
+                   on_progress=lambda event: events.append((time.perf_counter(), event)))
+    total = time.perf_counter() - started
+    first_time, first = events[0]
+    last_time, last = events[-1]
+    loop_rate = (last.step - first.step) / max(last_time - first_time, 1e-9)
+    return {
+        "compile_unet": compiled, "images": len(images), "steps": args.job_steps, "seconds_total": round(total, 2),
+        "seconds_before_first_report": round(first_time - started, 2),
+        "loop_steps_per_s": round(loop_rate, 2), "loop_ms_per_step": round(1000 / loop_rate, 2),
+        "seconds_after_last_report": round(started + total - last_time, 2),
+        "final_loss": round(result.final_loss, 5), "adapter_bytes": result.adapter_file.stat().st_size,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+
+
+def job_part(args: argparse.Namespace, report: dict[str, Any], compile_options: list[bool]) -> None:
+    jobs = report.setdefault("jobs", [])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        model = build_sd15_shaped_pipeline(root / "sd15-shaped", args.tiny)
+        report["job_model_build_s"] = round(time.perf_counter() - started, 1)
+        (root / "photos").mkdir()
+        images = job_images(root / "photos", args.job_images, 96 if args.tiny else 768)
+        for index, compiled in enumerate(compile_options):
+            try:
+                result = run_job(args, model, images, root / f"out{index}", compiled)
+            except Exception as exc:
+                traceback.print_exc()
+                result = {"compile_unet": compiled, "error": repr(exc)[:400]}
+            jobs.append(result)
+            print(json.dumps(result), flush=True)
+            write(args, report)
+            _release(args.device == "cuda")
 
 
 def _sync(cuda: bool) -> None:
@@ -152,33 +379,49 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
+def _release(cuda: bool) -> None:
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def write(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_train_bench: no CUDA device here; run it on a machine with an NVIDIA GPU "
-              "(or use --device cpu --steps 2 --tiny for a smoke test)", file=sys.stderr)
+              "(or use --device cpu --tiny --steps 2 for a smoke test)", file=sys.stderr)
         return 2
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False  # its algorithm search allocates huge workspaces (peak memory)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     peak = peak_flops(device_name)
-    compile_options = [False] if args.no_compile or args.device == "cpu" else [False, True]
-    variants = []
-    for compiled in compile_options:
-        for checkpointing in (False, True):
-            result = run_variant(args, compiled, checkpointing)
-            if peak and not args.tiny:
-                result["mfu"] = round(FLOP_PER_STEP / (result["ms_per_step"] / 1000) / peak, 4)
-            variants.append(result)
-            print(json.dumps(result), flush=True)
-    report = {
-        "device": device_name, "torch": torch.__version__, "tiny": args.tiny, "resolution": (TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG)["sample_size"] * 8,
-        "batch": 1, "precision": "bf16" if args.device == "cuda" else "fp32", "lora_rank": 16,
-        "flop_per_step": FLOP_PER_STEP, "peak_bf16_flops": peak, "warmup": args.warmup, "steps": args.steps,
-        "variants": variants,
+    report: dict[str, Any] = {
+        "benchmark": "gpu_train", "device": device_name, "torch": torch.__version__, "tiny": args.tiny,
+        "resolution": 64 if args.tiny else 512, "batch": 1, "precision": "bf16" if args.device == "cuda" else "fp32",
+        "lora_rank": 16, "flop_per_step": FLOP_PER_STEP, "peak_bf16_flops": peak, "warmup": args.warmup,
+        "steps": args.steps,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    parts = {part.strip() for part in args.parts.split(",")}
+    can_compile = not args.no_compile and args.device == "cuda"
+    if "step" in parts:
+        step_part(args, peak, report)
+    if "job" in parts:
+        job_part(args, report, [False])
+    if "extra" in parts and can_compile:  # last: the most compile time for the least news
+        step_part(args, peak, report, extra=True)
+        job_part(args, report, [True])
+    write(args, report)
     print(f"wrote {args.out}", flush=True)
     return 0
 

@@ -88,6 +88,9 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         default=False, description="Trade compute for memory by recomputing UNet activations."
     )
+    compile_unet: bool = Field(
+        default=False, description="Compile the UNet (CUDA graphs on a GPU): ~100 s of compiling, then ~6x faster steps."
+    )
     use_8bit_adam: bool = Field(
         default=True, description="Use bitsandbytes' 8-bit AdamW when it and CUDA are present; AdamW otherwise."
     )

@@ -25,12 +25,15 @@ def load_bench() -> ModuleType:
 
 def test_cpu_smoke_mode_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "gpu_train.json"
-    assert load_bench().main(["--device", "cpu", "--steps", "2", "--warmup", "1", "--tiny", "--out", str(out)]) == 0
+    args = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--tiny", "--job-steps", "8", "--job-images", "2"]
+    assert load_bench().main([*args, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["tiny"] is True
-    variants = [(v["compile"], v["gradient_checkpointing"]) for v in report["variants"]]
-    assert variants == [(False, False), (False, True)]
-    assert all(v["ms_per_step"] > 0 and v["trainable_params"] > 0 for v in report["variants"])
+    variants = [(v["loop"], v["variant"], v["gradient_checkpointing"]) for v in report["step_variants"]]
+    assert variants == [("bare", "eager", True), ("bare", "eager", False), ("engine", "eager", False)]
+    assert all(v["ms_per_step"] > 0 for v in report["step_variants"])
+    (job,) = report["jobs"]  # a whole train() run of the SD-1.5-shaped pipeline builder, tiny sizes
+    assert job["steps"] == 8 and job["loop_steps_per_s"] > 0 and job["adapter_bytes"] > 0
 
 
 def test_sd15_config_and_peak_lookup() -> None:
