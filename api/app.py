@@ -12,6 +12,7 @@ from api import files, manage, routes, uploads
 from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
 from api.gateway import GatewayUnavailable, PrefectGateway
+from api.statuscache import StatusCache
 from flows.registry import load_registry
 from flows.settings import Settings, get_settings
 from flows.store import StorageError, StorageUnavailable, store_from_settings
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = load_registry(settings.registry_file)
         app.state.store = store_from_settings(settings)
         app.state.cropper = Cropper()
+        app.state.status_cache = StatusCache()
         try:
             async with PrefectGateway(settings.prefect_api) as gateway:
                 app.state.gateway = gateway

@@ -18,19 +18,21 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 LIST_FIELDS = {"images"}
 
 
-def get_settings(request: Request) -> Settings:
+# The accessors are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread
+# pool, and four thread hops per request cost more than the rest of a cached status answer.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_gateway(request: Request) -> PrefectGateway:
+async def get_gateway(request: Request) -> PrefectGateway:
     return request.app.state.gateway
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_registry(request: Request) -> dict[str, BaseModelEntry]:
+async def get_registry(request: Request) -> dict[str, BaseModelEntry]:
     return request.app.state.registry
 
 

@@ -6,6 +6,7 @@ Every training is a flow run of a deployment, named by its training id and tagge
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -77,6 +78,7 @@ class PrefectGateway:
         self._deployment_ids: dict[str, UUID] = {}
         self._cache_s = cache_s
         self._recent: dict[tuple[str, str], tuple[float, TrainingRun]] = {}
+        self._pending: dict[tuple[str, str], asyncio.Future[TrainingRun | None]] = {}
 
     async def __aenter__(self) -> PrefectGateway:
         await self._client.__aenter__()
@@ -112,21 +114,34 @@ class PrefectGateway:
         Answers are reused for ``cache_s`` seconds: many clients polling one training cost one
         Prefect query per interval, and a state is at most that old.
         """
-        now = time.monotonic()
-        cached = self._recent.get((training_id, owner))
-        if cached is not None and now - cached[0] < self._cache_s:
+        key = (training_id, owner)
+        cached = self._recent.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self._cache_s:
             return cached[1]
+        # One Prefect query per training however many requests miss the cache at once: the
+        # others wait for it (shielded, so a client that disconnects does not cancel it for all).
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_training(training_id, owner))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._pending.pop(key) if self._pending.get(key) is done else None)
+        return await asyncio.shield(pending)
+
+    async def _fetch_training(self, training_id: str, owner: str) -> TrainingRun | None:
+        asked = time.monotonic()
         runs = await self._read_runs([training_tag(training_id), owner_tag(owner)], limit=10)
         if not runs:
             return None
         run = max(runs, key=created_at)  # a rerun is the newest
         if len(self._recent) > CACHE_ENTRIES:
             self._recent.clear()
-        self._recent[(training_id, owner)] = (now, run)
+        self._recent[(training_id, owner)] = (asked, run)
         return run
 
     def forget_cached(self, training_id: str, owner: str) -> None:
+        """Drop the cached answer and stop sharing a query already under way (it may predate a change)."""
         self._recent.pop((training_id, owner), None)
+        self._pending.pop((training_id, owner), None)
 
     async def list_trainings(self, owner: str) -> list[TrainingRun]:
         """The caller's trainings, newest first."""
