@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     max_train_steps_limit: int = Field(4000, ge=1, description="Upper bound of max_train_steps.")
     sandbox_steps: int = Field(30, ge=1, description="Training steps of a sandbox job.")
     checkpoint_every: int = Field(100, ge=1, description="Training steps between checkpoints in the store.")
+    compile_unet: bool = Field(
+        False, description="torch.compile the UNet (CUDA graphs on a GPU); kernels are cached in <data>/cache/inductor."
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @cached_property

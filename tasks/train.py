@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -81,7 +82,7 @@ def train_config(params: TrainingParams, entry: BaseModelEntry, pretrained: str,
         text_encoder_learning_rate=params.text_encoder_learning_rate,
         text_encoder_steps=params.text_encoder_steps if dreambooth else 0,
         max_train_steps=params.max_train_steps, seed=params.seed,
-        checkpoint_every=worker_settings().checkpoint_every,
+        checkpoint_every=worker_settings().checkpoint_every, compile_unet=worker_settings().compile_unet,
         class_prompt=(params.class_prompt or default_class_prompt(params.training_type)) if dreambooth else None,
         mixed_precision="bf16" if cuda else "no", gradient_checkpointing=needs_checkpointing(cuda, dreambooth, entry),
     )
@@ -120,6 +121,8 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     entry = base_model(params.base_model_id)
     pretrained = resolve_pretrained(entry)
     config = train_config(params, entry, pretrained, torch.cuda.is_available())
+    if config.compile_unet:  # compiled kernels survive the flow-run process: later jobs skip compiling
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(worker_settings().data_dir / "cache" / "inductor"))
     report_stage(params.training_id, TrainingStatus.DEPLOYING_GPU, "waiting-for-gpu", "waiting for a free GPU slot")
     # One GPU slot per training, across all workers. The lease is renewed while training runs; a
     # process that died (and so stopped renewing) frees its slot within GPU_LEASE_S.
