@@ -12,6 +12,7 @@ would then be exceeded by at most the number of processes minus one).
 from __future__ import annotations
 
 import asyncio
+import time
 
 from prefect.client.schemas.filters import (
     FlowRunFilter, FlowRunFilterIdempotencyKey, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
@@ -21,6 +22,9 @@ from api.errors import ApiError
 from api.gateway import ACTIVE, PrefectGateway, TrainingRun, _as_training_run, created_at, prefect_errors
 from flows.params import TrainingParams
 from flows.records import APP_TAG, owner_tag
+
+
+FULL_FRESH_S = 1.0
 
 
 class QueueGateway(PrefectGateway):
@@ -56,19 +60,41 @@ def queue_full(limit: int, retry_after_s: int) -> ApiError:
 
 
 class Admission:
-    """Serializes "count the active trainings, then create one" inside this facade process."""
+    """Serializes "count the active trainings, then create one" inside this facade process.
 
-    def __init__(self, gateway: QueueGateway, limit: int, retry_after_s: int) -> None:
+    A count that found the queue full is trusted for ``full_fresh_s``: in a burst, the requests
+    waiting on the lock behind it are refused at once instead of each asking Prefect again (a
+    training that ends meanwhile frees its place at most that much later, which only errs towards
+    refusing).
+    """
+
+    def __init__(self, gateway: QueueGateway, limit: int, retry_after_s: int, full_fresh_s: float = FULL_FRESH_S) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
         self._gateway = gateway
         self._lock = asyncio.Lock()
+        self._full_fresh_s = full_fresh_s
+        self._full_seen_at: float | None = None
+
+    def recently_full(self) -> bool:
+        """Whether a count less than ``full_fresh_s`` ago found the queue full (no I/O)."""
+        return self._full_seen_at is not None and time.monotonic() - self._full_seen_at < self._full_fresh_s
+
+    def refuse_if_recently_full(self, idempotency_key: str | None) -> None:
+        """429 before any work when the queue was just found full (a possible replay goes on to the check)."""
+        if idempotency_key is None and self.recently_full():
+            raise queue_full(self.limit, self.retry_after_s)
+
+    async def _count_says_full(self) -> bool:
+        full = await self._gateway.count_active_trainings() >= self.limit
+        self._full_seen_at = time.monotonic() if full else None
+        return full
 
     async def start_training(self, deployment: str, params: TrainingParams, idempotency_key: str | None) -> TrainingRun:
         """Queue the run if fewer than ``limit`` trainings are active; 429 otherwise."""
         gateway = self._gateway
         async with self._lock:
-            if await gateway.count_active_trainings() >= self.limit:
+            if self.recently_full() or await self._count_says_full():
                 replay = await gateway.find_by_idempotency_key(params.owner, idempotency_key) if idempotency_key else None
                 if replay is None:
                     raise queue_full(self.limit, self.retry_after_s)

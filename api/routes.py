@@ -78,6 +78,7 @@ async def start_with_inputs(
 ) -> TrainingRun:
     """Store the inline images, then queue the run within the queue limit; nothing stays behind when
     queueing fails or is refused."""
+    admission.refuse_if_recently_full(idempotency_key)
     images = await store_inline_images(store, params.training_id, params.images, settings)
     params = params.model_copy(update={"images": images})
     try:
