@@ -7,6 +7,7 @@ queued run, without queueing a cleanup run) and its stored inputs are deleted.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,30 +17,36 @@ from flows.records import APP_TAG, training_prefix
 from stackserver import RunningStack
 
 ACTIVE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED"]
+PREFECT_TRIES = 5
+
+
+def _prefect(method: str, url: str, json: dict) -> httpx.Response:
+    """One Prefect REST call, tried again on 503: its SQLite answers "database is locked" under bursts."""
+    for attempt in range(PREFECT_TRIES):
+        response = httpx.request(method, url, json=json, timeout=30)
+        if response.status_code != 503 or attempt == PREFECT_TRIES - 1:
+            response.raise_for_status()
+            return response
+        time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 def set_pool_paused(stack: RunningStack, paused: bool) -> None:
-    response = httpx.patch(f"{stack.settings.prefect_api}/work_pools/{stack.settings.work_pool}",
-                           json={"is_paused": paused}, timeout=10)
-    response.raise_for_status()
+    _prefect("PATCH", f"{stack.settings.prefect_api}/work_pools/{stack.settings.work_pool}", {"is_paused": paused})
 
 
 def active_trainings(stack: RunningStack) -> list[dict]:
     """Flow runs of trainings (tag ``dreamflow``) in an active state, as Prefect's REST API lists them."""
-    response = httpx.post(f"{stack.settings.prefect_api}/flow_runs/filter", timeout=30, json={
-        "flow_runs": {"tags": {"all_": [APP_TAG]}, "state": {"type": {"any_": ACTIVE_TYPES}}}, "limit": 200})
-    response.raise_for_status()
-    return response.json()
+    return _prefect("POST", f"{stack.settings.prefect_api}/flow_runs/filter", {
+        "flow_runs": {"tags": {"all_": [APP_TAG]}, "state": {"type": {"any_": ACTIVE_TYPES}}}, "limit": 200}).json()
 
 
 def cancel_in_prefect(stack: RunningStack, runs: list[dict]) -> None:
     """Force each run to Cancelled and delete its stored inputs."""
-    with httpx.Client(base_url=stack.settings.prefect_api, timeout=30) as client:
-        for run in runs:
-            client.post(f"/flow_runs/{run['id']}/set_state", json={
-                "state": {"type": "CANCELLED", "name": "Cancelled", "message": "cancelled by the test"},
-                "force": True}).raise_for_status()
-            stack.store.delete_prefix(training_prefix(run["name"]))
+    for run in runs:
+        _prefect("POST", f"{stack.settings.prefect_api}/flow_runs/{run['id']}/set_state", {
+            "state": {"type": "CANCELLED", "name": "Cancelled", "message": "cancelled by the test"}, "force": True})
+        stack.store.delete_prefix(training_prefix(run["name"]))
 
 
 @contextmanager
