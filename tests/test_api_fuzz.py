@@ -36,7 +36,7 @@ from flows.settings import Settings
 from runguard import active_trainings, pool_paused
 from stackserver import KEYS, RunningStack
 
-MAX_EXAMPLES = int(os.environ.get("DREAMFLOW_FUZZ_EXAMPLES", "20"))
+MAX_EXAMPLES = int(os.environ.get("DREAMFLOW_FUZZ_EXAMPLES", "15"))
 SEED = 20240611
 CONFIG = {
     "seed": SEED,
