@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from api import files, manage, routes, uploads
+from api.admission import Admission, QueueGateway
 from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
-from api.gateway import GatewayUnavailable, PrefectGateway
+from api.gateway import GatewayUnavailable
 from api.statuscache import StatusCache
 from flows.registry import load_registry
 from flows.settings import Settings, get_settings
@@ -28,6 +31,37 @@ async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
     return error_response(500, "storage error; the request was not processed")
 
 
+ALWAYS_POSSIBLE = {
+    "400": "Invalid input: a body that is not a JSON object or form, or a field that fails validation",
+    "401": "Missing or unknown API key",
+    "413": "Request body larger than the limit",
+    "503": "The orchestrator (Prefect) or the object store is unreachable",
+}
+
+
+def openapi_with_real_errors(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, with the errors the facade really sends.
+
+    Every route reads the body and the key itself, so each may answer 400, 401, 413 and 503 in the
+    error shape (``ErrorPublic``); none ever answers FastAPI's default 422, which is turned into 400.
+    """
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        error_ref = {"$ref": "#/components/schemas/ErrorPublic"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for code, description in ALWAYS_POSSIBLE.items():
+                    responses.setdefault(code, {"description": description,
+                                                "content": {"application/json": {"schema": error_ref}}})
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the facade; settings are read from the environment unless given."""
     settings = settings or get_settings()
@@ -40,8 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cropper = Cropper()
         app.state.status_cache = StatusCache()
         try:
-            async with PrefectGateway(settings.prefect_api) as gateway:
+            async with QueueGateway(settings.prefect_api) as gateway:
                 app.state.gateway = gateway
+                app.state.admission = Admission(gateway, settings.max_queued, settings.queue_retry_after_s)
                 yield
         finally:
             app.state.cropper.close()
@@ -58,4 +93,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (routes.router, routes.sandbox_router, manage.router, manage.sandbox_router, uploads.router):
         app.include_router(router)
     app.include_router(files.router)
+    app.openapi = lambda: openapi_with_real_errors(app)  # type: ignore[method-assign]
     return app

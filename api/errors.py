@@ -19,18 +19,21 @@ NOT_FOUND = "Model id not found"
 class ApiError(Exception):
     """An error the client is told about, in the vendor's shape."""
 
-    def __init__(self, status_code: int, message: str, errors: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, status_code: int, message: str, errors: dict[str, list[str]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.errors = errors
+        self.headers = headers
 
 
-def error_response(status_code: int, message: str, errors: dict[str, list[str]] | None = None) -> JSONResponse:
+def error_response(status_code: int, message: str, errors: dict[str, list[str]] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, object] = {"status": "error", "messege": message, "message": message}
     if errors:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status_code)
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 def field_errors(exc: ValidationError | RequestValidationError) -> dict[str, list[str]]:
@@ -49,7 +52,7 @@ def invalid_input(exc: ValidationError | RequestValidationError) -> ApiError:
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status_code, exc.message, exc.errors)
+    return error_response(exc.status_code, exc.message, exc.errors, exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -59,7 +62,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-    return error_response(exc.status_code, message)
+    errors = {"body": [message]} if exc.status_code == 400 else None  # a form the parser refused
+    return error_response(exc.status_code, message, errors, getattr(exc, "headers", None))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -9,11 +9,14 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Header
 from pydantic import ValidationError
 
-from api.deps import Body, GatewayDep, Owner, RegistryDep, SettingsDep, StoreDep
+from api.admission import Admission
+from api.deps import AdmissionDep, Body, Owner, RegistryDep, SettingsDep, StoreDep
 from api.errors import invalid_input
 from api.examples import CREATE_EXAMPLES, openapi_body
-from api.gateway import PrefectGateway, TrainingRun
-from api.schemas import CreatedPublic, ErrorPublic, FineTuneRequest, FineTuneV2Request, LoraFineTuneRequest, TrainingRequest
+from api.gateway import TrainingRun
+from api.schemas import (
+    CreatedPublic, ErrorPublic, FineTuneRequest, FineTuneV2Request, LoraFineTuneRequest, TrainingRequest, is_clean_text,
+)
 from api.status import eta_text, job_seconds
 from api.training_params import (
     DEFAULT_BASE_MODELS, SANDBOX_MODEL, bad_field, choose_base_model, dreambooth_params, dreambooth_v2_params,
@@ -29,7 +32,11 @@ from flows.store import ObjectStore
 
 DEPLOYMENTS = {"lora": "dreamflow-training/lora", "dreambooth": "dreamflow-training/dreambooth",
                "sandbox": "dreamflow-training/sandbox"}
-ERRORS = {code: {"model": ErrorPublic} for code in (400, 401, 413, 503)}
+ERRORS = {code: {"model": ErrorPublic} for code in (400, 401, 413, 503)} | {
+    429: {"model": ErrorPublic, "description": "Too many trainings queued or running; see the Retry-After header",
+          "headers": {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}},
+}
+MAX_IDEMPOTENCY_KEY = 255
 router = APIRouter(prefix="/api/v3", responses=ERRORS, tags=["train"])
 sandbox_router = APIRouter(prefix="/api/sandbox/v3", responses=ERRORS, tags=["sandbox"])
 
@@ -55,15 +62,27 @@ async def check_webhook(url: str | None, settings: Settings) -> None:
         raise bad_field("webhook", str(exc)) from None
 
 
+def check_idempotency_key(header: str | None, field: str | None) -> str | None:
+    """The request's idempotency key (header first); 400 when the header is too long or not clean text."""
+    if header is None:
+        return field
+    header = header.strip()
+    if len(header) > MAX_IDEMPOTENCY_KEY or not is_clean_text(header):
+        raise bad_field("Idempotency-Key", f"at most {MAX_IDEMPOTENCY_KEY} printable characters")
+    return header or field
+
+
 async def start_with_inputs(
-    gateway: PrefectGateway, store: ObjectStore, settings: Settings, deployment: str, params: TrainingParams,
+    admission: Admission, store: ObjectStore, settings: Settings, deployment: str, params: TrainingParams,
     idempotency_key: str | None,
 ) -> TrainingRun:
-    """Store the inline images, then queue the run; nothing stays behind when queueing fails."""
-    images = await store_inline_images(store, params.training_id, params.images, settings.max_image_bytes)
+    """Store the inline images, then queue the run within the queue limit; nothing stays behind when
+    queueing fails or is refused."""
+    admission.refuse_if_recently_full(idempotency_key)
+    images = await store_inline_images(store, params.training_id, params.images, settings)
     params = params.model_copy(update={"images": images})
     try:
-        run = await gateway.start_training(deployment, params, idempotency_key)
+        run = await admission.start_training(deployment, params, idempotency_key)
     except BaseException:
         await asyncio.to_thread(store.delete_prefix, training_prefix(params.training_id))
         raise
@@ -74,11 +93,12 @@ async def start_with_inputs(
 
 async def create(
     req: TrainingRequest, params: TrainingParams, entry: BaseModelEntry, deployment: str,
-    settings: Settings, gateway: PrefectGateway, store: ObjectStore, idempotency_key: str | None,
+    settings: Settings, admission: Admission, store: ObjectStore, idempotency_key: str | None,
 ) -> CreatedPublic:
     """Queue a validated training and answer with its id and the time it is expected to take."""
+    key = check_idempotency_key(idempotency_key, req.idempotency_key)
     await check_webhook(req.webhook, settings)
-    run = await start_with_inputs(gateway, store, settings, deployment, params, idempotency_key or req.idempotency_key)
+    run = await start_with_inputs(admission, store, settings, deployment, params, key)
     seconds = job_seconds(params.max_train_steps, entry.seconds_per_step)
     return CreatedPublic(data=f"it will take upto {eta_text(seconds)}.", training_id=run.training_id,
                          model_id=run.training_id)
@@ -86,43 +106,43 @@ async def create(
 
 @router.post("/lora_fine_tune", response_model=CreatedPublic, status_code=201,
              openapi_extra=openapi_body(LoraFineTuneRequest, CREATE_EXAMPLES["lora_fine_tune"]))
-async def lora_fine_tune(body: Body, owner: Owner, settings: SettingsDep, gateway: GatewayDep,
+async def lora_fine_tune(body: Body, owner: Owner, settings: SettingsDep, admission: AdmissionDep,
                          registry: RegistryDep, store: StoreDep, idempotency_key: IdempotencyHeader = None) -> CreatedPublic:
     """Start a LoRA training on the submitted photos."""
     req = parse(LoraFineTuneRequest, body)
     entry = choose_base_model(req.base_model_id or DEFAULT_BASE_MODELS[req.base_model_type], registry)
     params = lora_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["lora"], settings, gateway, store, idempotency_key)
+    return await create(req, params, entry, DEPLOYMENTS["lora"], settings, admission, store, idempotency_key)
 
 
 @router.post("/fine_tune", response_model=CreatedPublic, status_code=201,
              openapi_extra=openapi_body(FineTuneRequest, CREATE_EXAMPLES["fine_tune"]))
-async def fine_tune(body: Body, owner: Owner, settings: SettingsDep, gateway: GatewayDep,
+async def fine_tune(body: Body, owner: Owner, settings: SettingsDep, admission: AdmissionDep,
                     registry: RegistryDep, store: StoreDep, idempotency_key: IdempotencyHeader = None) -> CreatedPublic:
     """Start a DreamBooth training (full fine-tune of the UNet)."""
     req = parse(FineTuneRequest, body)
     entry = choose_base_model(req.base_model_id or DEFAULT_BASE_MODELS["normal"], registry)
     params = dreambooth_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["dreambooth"], settings, gateway, store, idempotency_key)
+    return await create(req, params, entry, DEPLOYMENTS["dreambooth"], settings, admission, store, idempotency_key)
 
 
 @router.post("/fine_tune_v2", response_model=CreatedPublic, status_code=201,
              openapi_extra=openapi_body(FineTuneV2Request, CREATE_EXAMPLES["fine_tune_v2"]))
-async def fine_tune_v2(body: Body, owner: Owner, settings: SettingsDep, gateway: GatewayDep,
+async def fine_tune_v2(body: Body, owner: Owner, settings: SettingsDep, admission: AdmissionDep,
                        registry: RegistryDep, store: StoreDep, idempotency_key: IdempotencyHeader = None) -> CreatedPublic:
     """Start a DreamBooth training with separate UNet and text-encoder learning rates and steps."""
     req = parse(FineTuneV2Request, body)
     entry = choose_base_model(req.base_model_id or DEFAULT_BASE_MODELS["normal"], registry)
     params = dreambooth_v2_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["dreambooth"], settings, gateway, store, idempotency_key)
+    return await create(req, params, entry, DEPLOYMENTS["dreambooth"], settings, admission, store, idempotency_key)
 
 
 @sandbox_router.post("/fine_tune", response_model=CreatedPublic, status_code=201,
                      openapi_extra=openapi_body(LoraFineTuneRequest, CREATE_EXAMPLES["sandbox"]))
-async def sandbox_fine_tune(body: Body, owner: Owner, settings: SettingsDep, gateway: GatewayDep,
+async def sandbox_fine_tune(body: Body, owner: Owner, settings: SettingsDep, admission: AdmissionDep,
                             registry: RegistryDep, store: StoreDep, idempotency_key: IdempotencyHeader = None) -> CreatedPublic:
     """The same flow on the built-in tiny model with a few steps: a fast end-to-end check for clients."""
     req = parse(LoraFineTuneRequest, body)
     entry = registry[SANDBOX_MODEL]
     params = sandbox_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["sandbox"], settings, gateway, store, idempotency_key)
+    return await create(req, params, entry, DEPLOYMENTS["sandbox"], settings, admission, store, idempotency_key)

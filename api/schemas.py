@@ -27,6 +27,21 @@ def _image_list(value: Any) -> Any:
     return value
 
 
+def is_clean_text(value: str) -> bool:
+    """Valid Unicode (no lone surrogates, so it encodes to UTF-8) without control characters other than
+    tab and newlines: what may go into flow parameters, tags, prompts and object keys."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(ch) < 32 and ch not in "\t\n\r" or ord(ch) == 127 for ch in value)
+
+
+def _clean(value: Any) -> Any:
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(text, str) and not is_clean_text(text) for text in texts):
+        raise ValueError("contains control characters or invalid Unicode")
+    return value
 
 
 class ClientRequest(BaseModel):
@@ -35,6 +50,11 @@ class ClientRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
     key: str | None = Field(None, description="API key (or send `Authorization: Bearer <key>`).")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _check_text(cls, value: Any) -> Any:
+        return _clean(value)
 
 
 def _default(value: Any, default: Any) -> Any:

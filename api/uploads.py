@@ -17,14 +17,26 @@ from api.errors import ApiError, invalid_input
 from api.examples import BASE64_CROP_EXAMPLE, openapi_body
 from api.schemas import Base64CropRequest, ErrorPublic, UploadPublic
 from api.training_params import DEFAULT_BASE_MODELS
+from api.imagesize import ImageSizeError, check_pixels
 from flows.imagebytes import STORE_SCHEME, InlineImageError, decode_base64_image
+from flows.settings import Settings
 from flows.store import ObjectStore
 
 MIME = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".gif": "image/gif",
         ".bmp": "image/bmp", ".tif": "image/tiff"}
 
 
-def decode_inline_images(images: list[str], max_bytes: int) -> dict[int, tuple[bytes, str]]:
+def decode_checked_image(payload: str, max_bytes: int, max_pixels: int) -> tuple[bytes, str]:
+    """Bytes and extension of a base64 image whose header declares at most ``max_pixels`` pixels."""
+    data, ext = decode_base64_image(payload, max_bytes)
+    try:
+        check_pixels(data, ext, max_pixels)
+    except ImageSizeError as exc:
+        raise InlineImageError(str(exc)) from None
+    return data, ext
+
+
+def decode_inline_images(images: list[str], max_bytes: int, max_pixels: int) -> dict[int, tuple[bytes, str]]:
     """Decode every ``data:`` entry; a 400 naming each bad entry when any is unusable."""
     decoded: dict[int, tuple[bytes, str]] = {}
     problems: list[str] = []
@@ -32,7 +44,7 @@ def decode_inline_images(images: list[str], max_bytes: int) -> dict[int, tuple[b
         if not image.startswith("data:"):
             continue
         try:
-            decoded[index] = decode_base64_image(image, max_bytes)
+            decoded[index] = decode_checked_image(image, max_bytes, max_pixels)
         except InlineImageError as exc:
             problems.append(f"entry {index}: {exc}")
     if problems:
@@ -40,9 +52,9 @@ def decode_inline_images(images: list[str], max_bytes: int) -> dict[int, tuple[b
     return decoded
 
 
-async def store_inline_images(store: ObjectStore, training_id: str, images: list[str], max_bytes: int) -> list[str]:
+async def store_inline_images(store: ObjectStore, training_id: str, images: list[str], settings: Settings) -> list[str]:
     """``images`` with each ``data:`` URI replaced by a ``store:`` reference to its stored copy."""
-    decoded = decode_inline_images(images, max_bytes)
+    decoded = decode_inline_images(images, settings.max_image_bytes, settings.max_image_pixels)
     result = list(images)
     for index, (data, ext) in decoded.items():
         key = f"trainings/{training_id}/inputs/{index:02d}{ext}"
@@ -66,7 +78,7 @@ async def base64_crop(
     except ValidationError as exc:
         raise invalid_input(exc) from None
     try:
-        data, ext = decode_base64_image(req.image, BASE64_MAX_BYTES)
+        data, ext = decode_checked_image(req.image, BASE64_MAX_BYTES, settings.max_image_pixels)
     except InlineImageError as exc:
         status = 413 if "larger than" in str(exc) else 400
         raise ApiError(status, f"invalid request: image: {exc}", {"image": [str(exc)]}) from None

@@ -21,12 +21,12 @@ KEY = "bench-key"
 TERMINAL = {"model_ready", "failed", "cancelled"}
 
 
-def start_bench_stack(data_dir: Path, **overrides: Any) -> tuple[Settings, Stack]:
-    """Prefect server + work pool + deployments + one worker + facade, on local storage."""
+def start_bench_stack(data_dir: Path, workers: int = 1, **overrides: Any) -> tuple[Settings, Stack]:
+    """Prefect server + work pool + deployments + ``workers`` process workers + facade, on local storage."""
     api_port, prefect_port = free_ports(2)
     settings = Settings(api_keys=KEY, data_dir=data_dir, api_port=api_port, prefect_port=prefect_port,
                         storage="local", work_pool="dreamflow-bench", **overrides)
-    return settings, start_stack(settings)
+    return settings, start_stack(settings, workers)
 
 
 def base_url(settings: Settings) -> str:

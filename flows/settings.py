@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     caption_max_new_tokens: int = Field(30, ge=1, le=200, description="Longest generated caption, in tokens.")
     max_train_steps_limit: int = Field(4000, ge=1, description="Upper bound of max_train_steps.")
     sandbox_steps: int = Field(30, ge=1, description="Training steps of a sandbox job.")
+    max_queued: int = Field(
+        100, ge=1, description="Trainings that may be queued or running at once; create requests past it get 429."
+    )
+    queue_retry_after_s: int = Field(30, ge=1, description="Retry-After (seconds) of a create refused by max_queued.")
     checkpoint_every: int = Field(100, ge=1, description="Training steps between checkpoints in the store.")
     compile_unet: bool = Field(
         False, description="torch.compile the UNet (CUDA graphs on a GPU); kernels are cached in <data>/cache/inductor."

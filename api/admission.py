@@ -1,0 +1,102 @@
+"""The queue limit: at most ``max_queued`` trainings queued or running at once, checked against Prefect.
+
+Prefect stays the queue and the record (SPEC §6): the facade counts our trainings' flow runs in an
+active state (scheduled, late, pending, running, paused) and refuses a create past the limit with
+429 and ``Retry-After``. Counting and creating are two Prefect calls, so concurrent requests could
+all count the same number and all create; :class:`Admission` holds one ``asyncio.Lock`` across
+both. That makes the limit exact for one facade process, which is how dreamflow runs the facade;
+several facade processes behind a balancer would each serialize only their own requests (the limit
+would then be exceeded by at most the number of processes minus one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prefect.client.schemas.filters import (
+    FlowRunFilter, FlowRunFilterIdempotencyKey, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
+)
+
+from api.errors import ApiError
+from api.gateway import ACTIVE, PrefectGateway, TrainingRun, _as_training_run, created_at, prefect_errors
+from flows.params import TrainingParams
+from flows.records import APP_TAG, owner_tag
+
+
+FULL_FRESH_S = 1.0
+
+
+class QueueGateway(PrefectGateway):
+    """The gateway with the two reads the queue limit needs.
+
+    Kept beside the gateway rather than in it while ``api/gateway.py`` is being reworked; these two
+    methods belong in :class:`PrefectGateway` and can move there unchanged.
+    """
+
+    async def count_active_trainings(self) -> int:
+        """Trainings (flow runs tagged ``dreamflow``) queued, pending, running or paused, of every owner."""
+        active = FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(ACTIVE)))
+        async with prefect_errors():
+            return await self._client.count_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[APP_TAG]), state=active)
+            )
+
+    async def find_by_idempotency_key(self, owner: str, idempotency_key: str) -> TrainingRun | None:
+        """The caller's run created with this idempotency key, if any (a replay is never refused)."""
+        async with prefect_errors():
+            runs = await self._client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[APP_TAG, owner_tag(owner)]),
+                idempotency_key=FlowRunFilterIdempotencyKey(any_=[f"{owner}:{idempotency_key}"]),
+            ), limit=5)
+        return max((_as_training_run(r) for r in runs), key=created_at, default=None)
+
+
+def queue_full(limit: int, retry_after_s: int) -> ApiError:
+    return ApiError(
+        429, f"too many trainings queued or running (limit {limit}); retry in {retry_after_s} s",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+class Admission:
+    """Serializes "count the active trainings, then create one" inside this facade process.
+
+    A count that found the queue full is trusted for ``full_fresh_s``: in a burst, the requests
+    waiting on the lock behind it are refused at once instead of each asking Prefect again (a
+    training that ends meanwhile frees its place at most that much later, which only errs towards
+    refusing).
+    """
+
+    def __init__(self, gateway: QueueGateway, limit: int, retry_after_s: int, full_fresh_s: float = FULL_FRESH_S) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self._gateway = gateway
+        self._lock = asyncio.Lock()
+        self._full_fresh_s = full_fresh_s
+        self._full_seen_at: float | None = None
+
+    def recently_full(self) -> bool:
+        """Whether a count less than ``full_fresh_s`` ago found the queue full (no I/O)."""
+        return self._full_seen_at is not None and time.monotonic() - self._full_seen_at < self._full_fresh_s
+
+    def refuse_if_recently_full(self, idempotency_key: str | None) -> None:
+        """429 before any work when the queue was just found full (a possible replay goes on to the check)."""
+        if idempotency_key is None and self.recently_full():
+            raise queue_full(self.limit, self.retry_after_s)
+
+    async def _count_says_full(self) -> bool:
+        full = await self._gateway.count_active_trainings() >= self.limit
+        self._full_seen_at = time.monotonic() if full else None
+        return full
+
+    async def start_training(self, deployment: str, params: TrainingParams, idempotency_key: str | None) -> TrainingRun:
+        """Queue the run if fewer than ``limit`` trainings are active; 429 otherwise."""
+        gateway = self._gateway
+        async with self._lock:
+            if self.recently_full() or await self._count_says_full():
+                replay = await gateway.find_by_idempotency_key(params.owner, idempotency_key) if idempotency_key else None
+                if replay is None:
+                    raise queue_full(self.limit, self.retry_after_s)
+                return replay
+            return await gateway.start_training(deployment, params, idempotency_key)

@@ -1,0 +1,66 @@
+"""Keep tests that may create trainings from starting real work: pause the pool, cancel what was made.
+
+A paused work pool hands no flow run to its worker, so a training created meanwhile stays
+Scheduled; it is then cancelled straight in Prefect (a Cancelled state, as the API does for a
+queued run, without queueing a cleanup run) and its stored inputs are deleted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from flows.records import APP_TAG, training_prefix
+from stackserver import RunningStack
+
+ACTIVE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED"]
+PREFECT_TRIES = 5
+
+
+def _prefect(method: str, url: str, json: dict) -> httpx.Response:
+    """One Prefect REST call, tried again on 503: its SQLite answers "database is locked" under bursts."""
+    for attempt in range(PREFECT_TRIES):
+        response = httpx.request(method, url, json=json, timeout=30)
+        if response.status_code != 503 or attempt == PREFECT_TRIES - 1:
+            response.raise_for_status()
+            return response
+        time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def set_pool_paused(stack: RunningStack, paused: bool) -> None:
+    _prefect("PATCH", f"{stack.settings.prefect_api}/work_pools/{stack.settings.work_pool}", {"is_paused": paused})
+
+
+def active_trainings(stack: RunningStack) -> list[dict]:
+    """Flow runs of trainings (tag ``dreamflow``) in an active state, as Prefect's REST API lists them."""
+    return _prefect("POST", f"{stack.settings.prefect_api}/flow_runs/filter", {
+        "flow_runs": {"tags": {"all_": [APP_TAG]}, "state": {"type": {"any_": ACTIVE_TYPES}}}, "limit": 200}).json()
+
+
+def cancel_in_prefect(stack: RunningStack, runs: list[dict]) -> None:
+    """Force each run to Cancelled and delete its stored inputs."""
+    for run in runs:
+        _prefect("POST", f"{stack.settings.prefect_api}/flow_runs/{run['id']}/set_state", {
+            "state": {"type": "CANCELLED", "name": "Cancelled", "message": "cancelled by the test"}, "force": True})
+        stack.store.delete_prefix(training_prefix(run["name"]))
+
+
+@contextmanager
+def pool_paused(stack: RunningStack) -> Iterator[set[str]]:
+    """Pause the stack's pool; afterwards cancel every training that became active meanwhile.
+
+    Yields the ids of the runs that were already active before (left alone).
+    """
+    before = {run["id"] for run in active_trainings(stack)}
+    set_pool_paused(stack, True)
+    try:
+        yield before
+    finally:
+        try:
+            cancel_in_prefect(stack, [run for run in active_trainings(stack) if run["id"] not in before])
+        finally:
+            set_pool_paused(stack, False)
