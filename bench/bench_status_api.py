@@ -136,7 +136,7 @@ def wrk_load(url: str, body: dict, clients: int, seconds: float, threads: int = 
     Path(script.name).unlink()
 
     def latency_ms(label: str) -> float:
-        value, unit = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.M).groups()
+        value, unit = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE).groups()
         return float(value) * WRK_UNITS[unit]
 
     total = int(re.search(r"(\d+) requests in", output).group(1))

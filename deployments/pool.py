@@ -8,7 +8,12 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate, WorkPoolCreate
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+    WorkPoolCreate,
+    WorkPoolUpdate,
+)
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
@@ -33,14 +38,22 @@ def rerun_crashed_trainings() -> AutomationCore:
     )
 
 
-async def _prepare(api_url: str, pool: str, gpu_slots: int) -> None:
+def job_template(command: str | None) -> dict:
+    """The process worker's job template, with ``command`` as the default flow-run command."""
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = command
+    return template
+
+
+async def _prepare(api_url: str, pool: str, gpu_slots: int, command: str | None) -> None:
     async with PrefectClient(api_url) as client:
         try:
             await client.read_work_pool(pool)
+            await client.update_work_pool(pool, WorkPoolUpdate(base_job_template=job_template(command)))
         except ObjectNotFound:
             await client.create_work_pool(WorkPoolCreate(
                 name=pool, type="process", description="dreamflow trainings and cleanups",
-                base_job_template=ProcessWorker.get_default_base_job_template(),
+                base_job_template=job_template(command),
             ))
         try:
             await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
@@ -51,6 +64,10 @@ async def _prepare(api_url: str, pool: str, gpu_slots: int) -> None:
             await client.create_automation(rerun_crashed_trainings())
 
 
-def prepare_orchestration(api_url: str, pool: str, gpu_slots: int) -> None:
-    """Make sure the process work pool, the GPU limit (``gpu_slots`` slots) and the crash-rerun automation exist."""
-    asyncio.run(_prepare(api_url, pool, gpu_slots))
+def prepare_orchestration(api_url: str, pool: str, gpu_slots: int, command: str | None = None) -> None:
+    """Make sure the process work pool, the GPU limit (``gpu_slots`` slots) and the crash-rerun automation exist.
+
+    ``command`` is the pool's flow-run command (the warm runner's launcher); None is Prefect's
+    own ``python -m prefect.engine``.
+    """
+    asyncio.run(_prepare(api_url, pool, gpu_slots, command))

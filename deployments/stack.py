@@ -6,13 +6,16 @@ and is stopped (SIGTERM, then SIGKILL) when the stack gets SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +164,19 @@ def worker_command(settings: Settings, index: int) -> list[str]:
             "--name", f"dreamflow-worker-{index}", "--limit", str(settings.worker_runs)]
 
 
+def runner_socket(settings: Settings) -> str:
+    """Where this installation's warm runner listens: short (Unix socket paths), one per data folder."""
+    digest = hashlib.sha256(str(settings.resolved_data_dir).encode()).hexdigest()[:12]
+    return str(Path(tempfile.gettempdir()) / f"dreamflow-runner-{digest}.sock")
+
+
+def launch_command(settings: Settings) -> str | None:
+    """The pool's flow-run command: through the warm runner, or None for Prefect's cold default."""
+    if not settings.warm_runner:
+        return None
+    return shlex.join([sys.executable, str(PROJECT_DIR / "deployments" / "launch.py"), runner_socket(settings)])
+
+
 def start_stack(settings: Settings, workers: int = 1) -> Stack:
     """Bring every service up and return once the facade answers."""
     key = dev_key(settings)
@@ -169,6 +185,8 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
     stack = Stack(settings, stack_env(settings, key), data / "logs")
     prefect = bin_path("prefect")
     try:
+        if settings.warm_runner:  # imports torch & co. while the server starts; runs fall back to cold until ready
+            stack.spawn("warm-runner", [sys.executable, "-m", "deployments.warm_runner", runner_socket(settings)])
         if not settings.prefect_api_url:
             server = stack.spawn("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1",
                                                    "--port", str(settings.prefect_port)])
@@ -188,7 +206,8 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
 def _prepare_pool_and_deployments(stack: Stack, prefect: str) -> None:
     from deployments.pool import prepare_orchestration
 
-    prepare_orchestration(stack.settings.prefect_api, stack.settings.work_pool, stack.settings.gpu_slots)
+    prepare_orchestration(stack.settings.prefect_api, stack.settings.work_pool, stack.settings.gpu_slots,
+                          launch_command(stack.settings))
     stack.run([prefect, "--no-prompt", "deploy", "--all"], timeout_s=180)
 
 

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     )
     queue_retry_after_s: int = Field(30, ge=1, description="Retry-After (seconds) of a create refused by max_queued.")
     checkpoint_every: int = Field(100, ge=1, description="Training steps between checkpoints in the store.")
+    warm_runner: bool = Field(
+        True, description="Start flow runs as forks of a process that has torch, diffusers and Prefect imported."
+    )
     compile_unet: bool = Field(
         False, description="torch.compile the UNet (CUDA graphs on a GPU); kernels are cached in <data>/cache/inductor."
     )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import Flow, flow
+from prefect import Flow, flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import State
 
 from flows.params import TrainingParams, TrainingStatus
 from tasks.caption import caption_images
-from tasks.context import check_run_count, report_stage
+from tasks.context import check_run_count, process_start_line, report_stage
 from tasks.convert import convert_weights
 from tasks.fetch import fetch_images
 from tasks.preprocess import crop_faces
@@ -45,6 +45,7 @@ def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
 )
 def run_training(params: TrainingParams) -> str:
     """Train a model from a handful of photos and publish it with its samples and manifest."""
+    get_run_logger().info(process_start_line())
     check_run_count(params.training_id)
     tag_own_run(params)  # runs started from the UI or a schedule become visible to their owner
     raw = fetch_images(params)

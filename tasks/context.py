@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -92,3 +93,10 @@ def notify_webhook(training_id: str, url: str, status: str, logs: str, error: st
     delivered = deliver(url, webhook_body(training_id, status, logs, error), settings.webhook_secret, policy)
     if not delivered:
         run_logger().warning("webhook %s: status %s not delivered after %d attempts", url, status, policy.attempts)
+
+
+def process_start_line() -> str:
+    """How this flow-run process started: forked from the warm runner, or a cold Python start."""
+    if os.environ.get("DREAMFLOW_WARM_START") == "1":
+        return "warm start: forked from the warm runner (torch, diffusers and Prefect already imported)"
+    return "cold start: a fresh Python process (imports torch, diffusers and Prefect itself)"

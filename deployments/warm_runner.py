@@ -1,0 +1,243 @@
+"""The warm runner: one long-lived process with dreamflow's heavy imports done, forking flow runs.
+
+A flow run of the process worker is normally a fresh ``python -m prefect.engine``: Python, then
+Prefect, then torch + diffusers + transformers + peft + facenet-pytorch on first use, in every
+job (bench/results/pipeline.json). This process does those imports once and then forks one copy
+of itself per flow run, on request of deployments/launch.py, so a warm job starts with them in
+memory (shared copy-on-write) instead of importing them again.
+
+Fork safety: the runner stays single-threaded and never runs a tensor operation (no thread pools
+exist to be copied half-way); it only imports. Each fork takes the launcher's environment,
+working folder and standard streams, refreshes Prefect's settings and dreamflow's from that
+environment, and runs Prefect's engine exactly as ``python -m prefect.engine`` would.
+
+    python -m deployments.warm_runner /path/to/runner.sock
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("dreamflow.warm_runner")
+FDS_PER_REQUEST = 4  # stdin, stdout, stderr, lifeline
+REAP_EVERY_S = 0.2
+
+
+def preload() -> float:
+    """Import what flow runs use; returns the seconds it took."""
+    started = time.perf_counter()
+    import accelerate
+    import facenet_pytorch
+    import peft
+    import torch
+    import transformers
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    import flows.cleanup
+    import flows.retrain
+    import flows.training
+    import prefect.engine
+    import prefect.flow_engine
+    import tasks.convert
+    import tasks.faces
+    import tasks.sampling
+    import tasks.train_engine
+
+    return time.perf_counter() - started
+
+
+class Runner:
+    """Accepts launch requests on a Unix socket; forks one run per request and reports its exit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            os.unlink(path)
+        self.listener.bind(path)
+        os.chmod(path, 0o600)
+        self.listener.listen(64)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.runs: dict[int, socket.socket] = {}  # forked pid -> its launcher's connection
+        self.stopping = False
+
+    def serve(self) -> None:
+        while not self.stopping:
+            for _key, _events in self.selector.select(timeout=REAP_EVERY_S):
+                self.accept()
+            self.reap()
+        self.close()
+
+    def accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            context, fds = receive(conn)
+        except (OSError, ValueError) as exc:
+            log.warning("bad launch request: %s", exc)
+            conn.close()
+            return
+        pid = os.fork()
+        if pid == 0:  # the flow run
+            self.listener.close()
+            for other in self.runs.values():
+                other.close()
+            run_forked(conn, context, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        self.runs[pid] = conn
+        try:
+            conn.sendall(f"{pid}\n".encode())
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # the launcher is gone already
+        log.info("forked flow run process %d", pid)
+
+    def reap(self) -> None:
+        while self.runs:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.runs.pop(pid, None)
+            if conn is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            try:
+                conn.sendall(f"{code if code >= 0 else 128 - code}\n".encode())
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self) -> None:
+        self.selector.close()
+        self.listener.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One request: a length-prefixed JSON context plus the launcher's descriptors."""
+    conn.settimeout(10)
+    header, ancillary, _flags, _addr = conn.recvmsg(4, socket.CMSG_SPACE(FDS_PER_REQUEST * 4))
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4]))
+    if len(header) != 4 or len(fds) != FDS_PER_REQUEST:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("expected a length and four descriptors")
+    (length,) = struct.unpack("!I", header)
+    payload = b""
+    while len(payload) < length:
+        chunk = conn.recv(length - len(payload))
+        if not chunk:
+            raise ValueError("request cut short")
+        payload += chunk
+    conn.settimeout(None)
+    return json.loads(payload), fds
+
+
+def run_forked(conn: socket.socket, context: dict[str, Any], fds: list[int]) -> None:
+    """In the forked process: become the launcher's flow run, then exit with the engine's status."""
+    code = 1
+    try:
+        conn.close()
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+            os.close(fd)
+        watch_lifeline(fds[3])
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(context["env"])
+        os.chdir(context["cwd"])
+        code = run_engine()  # sys.stdout/stderr write to fds 1 and 2: the launcher's streams now
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def run_engine() -> int:
+    """``python -m prefect.engine`` in this (already importing) process, with today's environment."""
+    import runpy
+
+    import prefect.context
+
+    from flows import settings as dreamflow_settings
+
+    prefect.context.refresh_global_settings_context()
+    cached = getattr(dreamflow_settings.get_settings, "cache_clear", None)
+    if cached is not None:
+        cached()
+    os.environ["DREAMFLOW_WARM_START"] = "1"
+    sys.argv = ["prefect.engine"]
+    sys.modules.pop("prefect.engine", None)  # run its __main__ block afresh
+    try:
+        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return 0
+
+
+def watch_lifeline(fd: int) -> None:
+    """Kill this process when the launcher dies (its end of the pipe closes), as a killed child would."""
+
+    def wait() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name="dreamflow-lifeline", daemon=True).start()
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if len(argv) != 2:
+        sys.exit("usage: python -m deployments.warm_runner RUNNER_SOCKET")
+    seconds = preload()
+    runner = Runner(argv[1])
+
+    def stop(_signum: int, _frame: object) -> None:
+        runner.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("warm runner ready on %s (imports took %.1f s)", argv[1], seconds)
+    runner.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
