@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     max_train_steps_limit: int = Field(4000, ge=1, description="Upper bound of max_train_steps.")
     sandbox_steps: int = Field(30, ge=1, description="Training steps of a sandbox job.")
     checkpoint_every: int = Field(100, ge=1, description="Training steps between checkpoints in the store.")
+    test_stage_hold: bool = Field(
+        False,
+        description="Test only, never in production: a training that reports stage <name> waits there while the "
+        "file <data dir>/test-stage-hold/<name> exists, so tests can act (cancel, stop a server) at a stage boundary.",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @cached_property
