@@ -6,6 +6,7 @@ Every training is a flow run of a deployment, named by its training id and tagge
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,9 +18,11 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient
+from prefect.context import SettingsContext, get_settings_context
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
@@ -34,6 +37,12 @@ STATUS_CACHE_S = 1.0
 CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
+# A request to the facade must not hang while Prefect is down or restarting: the client's own
+# retries (five, backing off 2-32 s, once it has connected) are switched off, so an unreachable
+# server is a 503 at once (the caller retries, safely with an Idempotency-Key), and every call is
+# bounded in time, for a server that accepts connections but does not answer.
+CLIENT_RETRIES = 0
+CALL_TIMEOUT_S = 10.0
 
 
 class GatewayUnavailable(RuntimeError):
@@ -77,6 +86,30 @@ class PrefectGateway:
         self._deployment_ids: dict[str, UUID] = {}
         self._cache_s = cache_s
         self._recent: dict[tuple[str, str], tuple[float, TrainingRun]] = {}
+        self._settings: SettingsContext | None = None
+
+    def _call_settings(self) -> SettingsContext:
+        """Prefect settings for the facade's calls: the current ones without client retries."""
+        if self._settings is None:
+            current = get_settings_context()
+            self._settings = SettingsContext(
+                profile=current.profile,
+                settings=current.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: CLIENT_RETRIES}),
+            )
+        return self._settings
+
+    @asynccontextmanager
+    async def _calling(self) -> AsyncIterator[None]:
+        """One bounded call to Prefect; unreachable, failing or too slow is GatewayUnavailable."""
+        async with prefect_errors():
+            try:
+                async with asyncio.timeout(CALL_TIMEOUT_S):
+                    with self._call_settings().model_copy():
+                        yield
+            except TimeoutError:
+                raise GatewayUnavailable(
+                    f"the orchestrator (Prefect) is unreachable: no answer within {CALL_TIMEOUT_S:.0f} s"
+                ) from None
 
     async def __aenter__(self) -> PrefectGateway:
         await self._client.__aenter__()
@@ -88,7 +121,8 @@ class PrefectGateway:
     async def _deployment_id(self, name: str) -> UUID:
         if name not in self._deployment_ids:
             try:
-                deployment = await self._client.read_deployment_by_name(name)
+                async with self._calling():
+                    deployment = await self._client.read_deployment_by_name(name)
             except ObjectNotFound:
                 raise GatewayUnavailable(f"deployment {name!r} is not registered; run `dreamflow up`") from None
             self._deployment_ids[name] = deployment.id
@@ -96,9 +130,10 @@ class PrefectGateway:
 
     async def start_training(self, deployment: str, params: TrainingParams, idempotency_key: str | None) -> TrainingRun:
         """Queue a flow run of ``deployment``; an idempotency key seen before returns the first run."""
-        async with prefect_errors():
+        deployment_id = await self._deployment_id(deployment)
+        async with self._calling():
             run = await self._client.create_flow_run_from_deployment(
-                await self._deployment_id(deployment),
+                deployment_id,
                 parameters={"params": params.model_dump(mode="json")},
                 name=params.training_id,
                 tags=[APP_TAG, training_tag(params.training_id), owner_tag(params.owner)],
@@ -133,28 +168,38 @@ class PrefectGateway:
         runs = await self._read_runs([APP_TAG, owner_tag(owner)], limit=LIST_LIMIT)
         return sorted(runs, key=created_at, reverse=True)
 
-    async def cancel_training(self, run: TrainingRun, owner: str) -> None:
-        """Cancel a queued run at once; ask the worker to stop a started one (Cancelling)."""
+    async def cancel_training(self, run: TrainingRun, owner: str) -> bool:
+        """Cancel a queued run at once; ask the worker to stop a started one (Cancelling).
+
+        The state is read afresh (not from the cache), so a run a worker has just started is never
+        marked Cancelled behind its process's back. Returns whether the run had started.
+        """
         self.forget_cached(run.training_id, owner)
-        state = Cancelled(message="cancelled by the owner") if run.state in NOT_STARTED else Cancelling(
-            message="cancelled by the owner"
-        )
-        async with prefect_errors():
+        async with self._calling():
+            current = await self._client.read_flow_run(run.flow_run_id)
+        state_type = current.state.type if current.state else None
+        if state_type in (StateType.CANCELLED, StateType.CANCELLING):
+            return state_type == StateType.CANCELLING
+        started = state_type not in NOT_STARTED
+        state = Cancelling(message="cancelled by the owner") if started else Cancelled(message="cancelled by the owner")
+        async with self._calling():
             await self._client.set_flow_run_state(run.flow_run_id, state, force=True)
+        return started
 
     async def forget_training(self, run: TrainingRun, owner: str) -> None:
         """Take the run out of its owner's view (the run stays in Prefect's record, marked deleted)."""
         self.forget_cached(run.training_id, owner)
-        async with prefect_errors():
+        async with self._calling():
             current = await self._client.read_flow_run(run.flow_run_id)
             tags = [t for t in current.tags if t != owner_tag(owner)] + [f"deleted-owner:{owner}"]
             await self._client.update_flow_run(run.flow_run_id, tags=tags)
 
     async def start_cleanup(self, training_id: str, run: TrainingRun, reason: str) -> None:
         """Queue the cleanup flow that waits for the run to end, then removes its artifacts."""
-        async with prefect_errors():
+        deployment_id = await self._deployment_id(CLEANUP_DEPLOYMENT)
+        async with self._calling():
             await self._client.create_flow_run_from_deployment(
-                await self._deployment_id(CLEANUP_DEPLOYMENT),
+                deployment_id,
                 parameters={"training_id": training_id, "flow_run_id": str(run.flow_run_id), "reason": reason,
                             "webhook": run.parameters.get("webhook")},
                 name=f"cleanup-{training_id}",
@@ -162,7 +207,7 @@ class PrefectGateway:
             )
 
     async def _read_runs(self, tags: list[str], limit: int) -> list[TrainingRun]:
-        async with prefect_errors():
+        async with self._calling():
             runs = await self._client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)), limit=limit
             )
