@@ -14,42 +14,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from prefect.client.schemas.filters import (
-    FlowRunFilter, FlowRunFilterIdempotencyKey, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
-)
-
 from api.errors import ApiError
-from api.gateway import ACTIVE, PrefectGateway, TrainingRun, _as_training_run, created_at, prefect_errors
+from api.gateway import PrefectGateway, TrainingRun
 from flows.params import TrainingParams
-from flows.records import APP_TAG, owner_tag
-
 
 FULL_FRESH_S = 1.0
-
-
-class QueueGateway(PrefectGateway):
-    """The gateway with the two reads the queue limit needs.
-
-    Kept beside the gateway rather than in it while ``api/gateway.py`` is being reworked; these two
-    methods belong in :class:`PrefectGateway` and can move there unchanged.
-    """
-
-    async def count_active_trainings(self) -> int:
-        """Trainings (flow runs tagged ``dreamflow``) queued, pending, running or paused, of every owner."""
-        active = FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(ACTIVE)))
-        async with prefect_errors():
-            return await self._client.count_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[APP_TAG]), state=active)
-            )
-
-    async def find_by_idempotency_key(self, owner: str, idempotency_key: str) -> TrainingRun | None:
-        """The caller's run created with this idempotency key, if any (a replay is never refused)."""
-        async with prefect_errors():
-            runs = await self._client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[APP_TAG, owner_tag(owner)]),
-                idempotency_key=FlowRunFilterIdempotencyKey(any_=[f"{owner}:{idempotency_key}"]),
-            ), limit=5)
-        return max((_as_training_run(r) for r in runs), key=created_at, default=None)
 
 
 def queue_full(limit: int, retry_after_s: int) -> ApiError:
@@ -68,7 +37,7 @@ class Admission:
     refusing).
     """
 
-    def __init__(self, gateway: QueueGateway, limit: int, retry_after_s: int, full_fresh_s: float = FULL_FRESH_S) -> None:
+    def __init__(self, gateway: PrefectGateway, limit: int, retry_after_s: int, full_fresh_s: float = FULL_FRESH_S) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
         self._gateway = gateway

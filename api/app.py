@@ -11,10 +11,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from api import files, manage, routes, uploads
-from api.admission import Admission, QueueGateway
+from api.admission import Admission
 from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
-from api.gateway import GatewayUnavailable
+from api.gateway import GatewayUnavailable, PrefectGateway
 from api.statuscache import StatusCache
 from flows.registry import load_registry
 from flows.settings import Settings, get_settings
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cropper = Cropper()
         app.state.status_cache = StatusCache()
         try:
-            async with QueueGateway(settings.prefect_api) as gateway:
+            async with PrefectGateway(settings.prefect_api) as gateway:
                 app.state.gateway = gateway
                 app.state.admission = Admission(gateway, settings.max_queued, settings.queue_retry_after_s)
                 yield

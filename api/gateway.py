@@ -9,18 +9,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.context import SettingsContext, get_settings_context
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterIdempotencyKey,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
@@ -35,6 +43,14 @@ STATUS_CACHE_S = 1.0
 CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
+# A request to the facade must not hang while Prefect is down or restarting. The client's own
+# retries (five, backing off 2-32 s, once it has connected) are switched off: an unreachable server
+# is a 503 at once (the caller retries, safely with an Idempotency-Key). A busy server (502/503/504)
+# is asked again after a short pause, and every call is bounded in time.
+CLIENT_RETRIES = 0
+CALL_TIMEOUT_S = 10.0
+BUSY_RETRY_DELAYS_S = (0.0, 0.0)  # the client itself waits ~2 s after a 502/503/504 answer
+T = TypeVar("T")
 
 
 class GatewayUnavailable(RuntimeError):
@@ -79,6 +95,40 @@ class PrefectGateway:
         self._cache_s = cache_s
         self._recent: dict[tuple[str, str], tuple[float, TrainingRun]] = {}
         self._pending: dict[tuple[str, str], asyncio.Future[TrainingRun | None]] = {}
+        self._settings: SettingsContext | None = None
+
+    def _call_settings(self) -> SettingsContext:
+        """Prefect settings for the facade's calls: the current ones without client retries."""
+        if self._settings is None:
+            current = get_settings_context()
+            self._settings = SettingsContext(
+                profile=current.profile,
+                settings=current.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: CLIENT_RETRIES}),
+            )
+        return self._settings
+
+    async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
+        """One bounded call to Prefect; unreachable, failing or too slow is GatewayUnavailable.
+
+        A server that cannot be reached is reported at once; a busy one (502/503/504, a dropped
+        keep-alive connection) is asked twice more, within the same time bound.
+        """
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                for delay in (*BUSY_RETRY_DELAYS_S, None):
+                    try:
+                        async with prefect_errors():
+                            with self._call_settings().model_copy():
+                                return await request()
+                    except GatewayUnavailable as exc:
+                        if delay is None or not _busy(exc.__cause__):
+                            raise
+                    await asyncio.sleep(delay)
+        except TimeoutError:
+            raise GatewayUnavailable(
+                f"the orchestrator (Prefect) is unreachable: no answer within {CALL_TIMEOUT_S:.0f} s"
+            ) from None
+        raise AssertionError("unreachable")
 
     async def __aenter__(self) -> PrefectGateway:
         await self._client.__aenter__()
@@ -90,7 +140,7 @@ class PrefectGateway:
     async def _deployment_id(self, name: str) -> UUID:
         if name not in self._deployment_ids:
             try:
-                deployment = await self._client.read_deployment_by_name(name)
+                deployment = await self._call(lambda: self._client.read_deployment_by_name(name))
             except ObjectNotFound:
                 raise GatewayUnavailable(f"deployment {name!r} is not registered; run `dreamflow up`") from None
             self._deployment_ids[name] = deployment.id
@@ -98,14 +148,14 @@ class PrefectGateway:
 
     async def start_training(self, deployment: str, params: TrainingParams, idempotency_key: str | None) -> TrainingRun:
         """Queue a flow run of ``deployment``; an idempotency key seen before returns the first run."""
-        async with prefect_errors():
-            run = await self._client.create_flow_run_from_deployment(
-                await self._deployment_id(deployment),
-                parameters={"params": params.model_dump(mode="json")},
-                name=params.training_id,
-                tags=[APP_TAG, training_tag(params.training_id), owner_tag(params.owner)],
-                idempotency_key=f"{params.owner}:{idempotency_key}" if idempotency_key else None,
-            )
+        deployment_id = await self._deployment_id(deployment)
+        run = await self._call(lambda: self._client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters={"params": params.model_dump(mode="json")},
+            name=params.training_id,
+            tags=[APP_TAG, training_tag(params.training_id), owner_tag(params.owner)],
+            idempotency_key=f"{params.owner}:{idempotency_key}" if idempotency_key else None,
+        ))
         return _as_training_run(run)
 
     async def find_training(self, training_id: str, owner: str) -> TrainingRun | None:
@@ -148,40 +198,67 @@ class PrefectGateway:
         runs = await self._read_runs([APP_TAG, owner_tag(owner)], limit=LIST_LIMIT)
         return sorted(runs, key=created_at, reverse=True)
 
-    async def cancel_training(self, run: TrainingRun, owner: str) -> None:
-        """Cancel a queued run at once; ask the worker to stop a started one (Cancelling)."""
+    async def cancel_training(self, run: TrainingRun, owner: str) -> bool:
+        """Cancel a queued run at once; ask the worker to stop a started one (Cancelling).
+
+        The state is read afresh (not from the cache), so a run a worker has just started is never
+        marked Cancelled behind its process's back. Returns whether the run had started.
+        """
         self.forget_cached(run.training_id, owner)
-        state = Cancelled(message="cancelled by the owner") if run.state in NOT_STARTED else Cancelling(
-            message="cancelled by the owner"
-        )
-        async with prefect_errors():
-            await self._client.set_flow_run_state(run.flow_run_id, state, force=True)
+        current = await self._call(lambda: self._client.read_flow_run(run.flow_run_id))
+        state_type = current.state.type if current.state else None
+        if state_type in (StateType.CANCELLED, StateType.CANCELLING):
+            return state_type == StateType.CANCELLING
+        started = state_type not in NOT_STARTED
+        state = Cancelling(message="cancelled by the owner") if started else Cancelled(message="cancelled by the owner")
+        await self._call(lambda: self._client.set_flow_run_state(run.flow_run_id, state, force=True))
+        return started
 
     async def forget_training(self, run: TrainingRun, owner: str) -> None:
         """Take the run out of its owner's view (the run stays in Prefect's record, marked deleted)."""
         self.forget_cached(run.training_id, owner)
-        async with prefect_errors():
-            current = await self._client.read_flow_run(run.flow_run_id)
-            tags = [t for t in current.tags if t != owner_tag(owner)] + [f"deleted-owner:{owner}"]
-            await self._client.update_flow_run(run.flow_run_id, tags=tags)
+        current = await self._call(lambda: self._client.read_flow_run(run.flow_run_id))
+        tags = [t for t in current.tags if t != owner_tag(owner)] + [f"deleted-owner:{owner}"]
+        await self._call(lambda: self._client.update_flow_run(run.flow_run_id, tags=tags))
 
     async def start_cleanup(self, training_id: str, run: TrainingRun, reason: str) -> None:
         """Queue the cleanup flow that waits for the run to end, then removes its artifacts."""
-        async with prefect_errors():
-            await self._client.create_flow_run_from_deployment(
-                await self._deployment_id(CLEANUP_DEPLOYMENT),
-                parameters={"training_id": training_id, "flow_run_id": str(run.flow_run_id), "reason": reason,
-                            "webhook": run.parameters.get("webhook")},
-                name=f"cleanup-{training_id}",
-                tags=[CLEANUP_TAG, f"cleanup:{training_id}"],
-            )
+        deployment_id = await self._deployment_id(CLEANUP_DEPLOYMENT)
+        await self._call(lambda: self._client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters={"training_id": training_id, "flow_run_id": str(run.flow_run_id), "reason": reason,
+                        "webhook": run.parameters.get("webhook")},
+            name=f"cleanup-{training_id}",
+            tags=[CLEANUP_TAG, f"cleanup:{training_id}"],
+        ))
+
+    async def count_active_trainings(self) -> int:
+        """Trainings (flow runs tagged ``dreamflow``) queued, pending, running or paused, of every owner."""
+        active = FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(ACTIVE)))
+        return await self._call(lambda: self._client.count_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[APP_TAG]), state=active)
+        ))
+
+    async def find_by_idempotency_key(self, owner: str, idempotency_key: str) -> TrainingRun | None:
+        """The caller's run created with this idempotency key, if any (a replay is never refused)."""
+        runs = await self._call(lambda: self._client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[APP_TAG, owner_tag(owner)]),
+            idempotency_key=FlowRunFilterIdempotencyKey(any_=[f"{owner}:{idempotency_key}"]),
+        ), limit=5))
+        return max((_as_training_run(r) for r in runs), key=created_at, default=None)
 
     async def _read_runs(self, tags: list[str], limit: int) -> list[TrainingRun]:
-        async with prefect_errors():
-            runs = await self._client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)), limit=limit
-            )
+        runs = await self._call(lambda: self._client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)), limit=limit
+        ))
         return [_as_training_run(r) for r in runs]
+
+
+def _busy(cause: BaseException | None) -> bool:
+    """A failure worth asking again at once: a busy server, or a keep-alive connection it dropped."""
+    if isinstance(cause, PrefectHTTPStatusError):
+        return cause.response.status_code in (502, 503, 504)
+    return isinstance(cause, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ from api.gateway import ACTIVE, PrefectGateway, TrainingRun
 from api.schemas import ClientRequest, ErrorPublic, ListPublic, MessagePublic, StatusPublic
 from api.status import compose_status
 from api.statuscache import StatusCache
-from flows.records import read_manifest, read_stage
+from flows.records import read_manifest, read_stage, training_prefix
 
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 404, 409, 503)}
 KEY_BODY = openapi_body(ClientRequest, KEY_ONLY_EXAMPLE)
@@ -71,7 +71,10 @@ async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep, s
         if run.state not in ACTIVE:
             state = run.state.value.lower() if run.state else "finished"
             raise ApiError(409, f"training {training_id} already ended ({state}); only queued or running trainings can be cancelled")
-        await gateway.cancel_training(run, owner)
+        if not await gateway.cancel_training(run, owner):
+            # Never started: no process can write any more, so its inputs go now, even while every
+            # worker is busy; the cleanup run below still tells the webhook and sweeps once more.
+            await asyncio.to_thread(store.delete_prefix, training_prefix(training_id))
         await gateway.start_cleanup(training_id, run, "cancelled")
     return MessagePublic(messege="training cancelled", data=f"training {training_id} cancelled")
 

@@ -80,6 +80,10 @@ def stack_env(settings: Settings, key: str) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_WORKER_CANCELLATION_POLL_SECONDS": "2",
+        # GPU-slot leases on disk (under PREFECT_HOME): a restarted server still knows the slots that
+        # running trainings hold, renews and releases them; in memory (the default) they are lost
+        # and the slots stay taken for good.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
         "DREAMFLOW_DATA_DIR": str(data),
         "DREAMFLOW_API_KEYS": settings.api_keys or key,

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     compile_unet: bool = Field(
         False, description="torch.compile the UNet (CUDA graphs on a GPU); kernels are cached in <data>/cache/inductor."
     )
+    test_stage_hold: bool = Field(
+        False,
+        description="Test only, never in production: a training that reports stage <name> waits there while the "
+        "file <data dir>/test-stage-hold/<name> exists, so tests can act (cancel, stop a server) at a stage boundary.",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @cached_property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,11 +16,14 @@ from flows.params import StageRecord, TrainingStatus
 from flows.records import read_stage, write_stage
 from flows.registry import BaseModelEntry, load_registry, lookup
 from flows.settings import Settings, get_settings
-from flows.store import ObjectStore, store_from_settings
+from flows.store import ObjectStore, StorageError, store_from_settings
 from tasks.webhooks import DeliveryPolicy, deliver, webhook_body
 
 
 MAX_RUNS = 3  # a crashed training is rerun (resuming from its checkpoint) at most twice
+HOLD_FOLDER = "test-stage-hold"
+HOLD_LIMIT_S = 600.0
+HOLD_POLL_S = 0.2
 
 
 @lru_cache(maxsize=1)
@@ -75,15 +79,34 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 def report_stage(training_id: str, status: TrainingStatus, stage: str, message: str, **fields: object) -> None:
     """Publish a stage change (or progress inside a stage) for the facade and log it.
 
-    A change of status is also posted to the training's webhook, when it has one.
+    A change of status is also posted to the training's webhook, when it has one. The status record
+    is a view, not the work: a store that cannot be reached (say, an S3 server restarting) costs
+    this report, logged, and never the training; the next report writes the record again.
     """
     store = worker_store()
-    current = read_stage(store, training_id)
-    updated = (current or StageRecord()).model_copy(update={"status": status, "stage": stage, **fields})
-    write_stage(store, training_id, updated, line=message)
+    try:
+        current = read_stage(store, training_id)
+        updated = (current or StageRecord()).model_copy(update={"status": status, "stage": stage, **fields})
+        write_stage(store, training_id, updated, line=message)
+    except StorageError as exc:
+        run_logger().warning("%s: %s (status record not written: %s)", stage, message, exc)
+        return
     run_logger().info("%s: %s", stage, message)
     if updated.webhook and (current is None or current.status != status):
         notify_webhook(training_id, updated.webhook, status.value, message, updated.error)
+    hold_at_stage(stage)
+
+
+def hold_at_stage(stage: str) -> None:
+    """Test only (``DREAMFLOW_TEST_STAGE_HOLD``, off by default): wait here while the file
+    ``<data dir>/test-stage-hold/<stage>`` exists, at most ``HOLD_LIMIT_S``."""
+    settings = worker_settings()
+    if not settings.test_stage_hold:
+        return
+    marker = settings.resolved_data_dir / HOLD_FOLDER / stage
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(HOLD_POLL_S)
 
 
 def notify_webhook(training_id: str, url: str, status: str, logs: str, error: str | None = None) -> None:

@@ -17,6 +17,9 @@ from tasks.context import base_model, remove_workdir, report_stage, worker_store
 from tasks.train import TrainOutput
 
 HASH_CHUNK = 1 << 20
+# Uploads and the manifest are idempotent, so they are retried through a storage outage (an S3
+# server restarting, a network blip): up to ~2 minutes of waiting, then the training fails.
+STORE_RETRY_DELAYS_S = [2, 5, 10, 20, 30, 60]
 
 
 def sha256_of(path: Path) -> str:
@@ -27,7 +30,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-@task(name="upload-artifacts", retries=3, retry_delay_seconds=[2, 5, 15])
+@task(name="upload-artifacts", retries=len(STORE_RETRY_DELAYS_S), retry_delay_seconds=STORE_RETRY_DELAYS_S)
 def upload_artifacts(training_id: str, files: dict[str, str], folder: str, announce: bool = False) -> dict[str, StoredFile]:
     """Put each local file under ``trainings/<id>/<folder>/``; returns name -> stored file record.
 
@@ -47,7 +50,7 @@ def upload_artifacts(training_id: str, files: dict[str, str], folder: str, annou
     return stored
 
 
-@task(name="publish-manifest", retries=3, retry_delay_seconds=[2, 5, 15])
+@task(name="publish-manifest", retries=len(STORE_RETRY_DELAYS_S), retry_delay_seconds=STORE_RETRY_DELAYS_S)
 def publish_manifest(
     params: TrainingParams, trained: TrainOutput, exports: dict[str, StoredFile], samples: dict[str, StoredFile]
 ) -> str:

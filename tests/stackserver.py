@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from deployments.stack import Stack, start_stack
+from deployments.stack import Stack, bin_path, start_stack, wait_http
 from flows.settings import Settings
 from flows.store import S3Store
 from s3server import WeedS3Server, free_ports
@@ -26,14 +29,16 @@ class RunningStack:
     store: S3Store
 
     @classmethod
-    def start(cls, s3: WeedS3Server, data_dir: Path) -> RunningStack:
+    def start(cls, s3: WeedS3Server, data_dir: Path, **overrides: object) -> RunningStack:
+        """Start a stack on ``s3``; ``overrides`` change its settings (e.g. ``test_stage_hold=True``)."""
         api_port, prefect_port = free_ports(2)
-        settings = Settings(
+        values: dict[str, object] = dict(
             api_keys=",".join(KEYS), data_dir=data_dir, api_port=api_port, prefect_port=prefect_port,
             storage="s3", s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
             s3_bucket="dreamflow-e2e", allow_private_networks=True, work_pool="dreamflow-test",
             webhook_secret=WEBHOOK_SECRET, sandbox_steps=10, checkpoint_every=25,
         )
+        settings = Settings(**{**values, **overrides})
         stack = start_stack(settings)
         store = S3Store(endpoint=s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
                         bucket="dreamflow-e2e")
@@ -41,6 +46,53 @@ class RunningStack:
 
     def stop(self) -> None:
         self.stack.stop()
+
+    # ------------------------------------------------------------------ faults
+
+    def stop_prefect_server(self) -> None:
+        """Stop the Prefect server (SIGTERM, then SIGKILL); worker, flow runs and facade keep running."""
+        for entry in [e for e in self.stack.processes if e[0] == "prefect-server"]:
+            _, proc = entry
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(15)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            self.stack.processes.remove(entry)
+
+    def start_prefect_server(self) -> None:
+        """Start the Prefect server again on the same port, home and database; wait until it answers."""
+        server = self.stack.spawn("prefect-server", [bin_path("prefect"), "server", "start", "--host", "127.0.0.1",
+                                                     "--port", str(self.settings.prefect_port)])
+        self.stack.processes.insert(0, self.stack.processes.pop())  # stopped last, as at start
+        wait_http(f"{self.settings.prefect_api}/health", 120, server)
+
+    def hold_marker(self, stage: str) -> Path:
+        """The file that holds trainings at ``stage`` while it exists (needs ``test_stage_hold=True``)."""
+        return self.settings.resolved_data_dir / "test-stage-hold" / stage
+
+    def hold(self, stage: str) -> Path:
+        marker = self.hold_marker(stage)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return marker
+
+    def release(self, stage: str) -> None:
+        self.hold_marker(stage).unlink(missing_ok=True)
+
+    def set_pool_paused(self, paused: bool) -> None:
+        """Pause or resume the work pool: a paused pool hands no runs to its workers."""
+        response = httpx.patch(f"{self.settings.prefect_api}/work_pools/{self.settings.work_pool}",
+                               json={"is_paused": paused}, timeout=10)
+        response.raise_for_status()
+
+    def status(self, training_id: str, key: str = KEYS[0]) -> httpx.Response:
+        """One status request to the facade, whatever it answers."""
+        with self.client() as client:
+            return client.post(f"/api/v3/fine_tune_status/{training_id}", json={"key": key})
 
     @property
     def base_url(self) -> str:

@@ -77,7 +77,7 @@ def test_failure_before_the_manifest_leaves_no_ready_model_and_a_rerun_completes
     monkeypatch.setattr(training, "publish_manifest", storage.publish_manifest.with_options(retry_delay_seconds=0))
     with tags("dreamflow", f"training:{params.training_id}", f"owner:{owner}"):
         state = training.run_training(params, return_state=True)
-    assert state.is_failed() and outage.refused == 4  # the first try and three retries
+    assert state.is_failed() and outage.refused == 1 + len(storage.STORE_RETRY_DELAYS_S)  # the first try and every retry
     assert stack.store.list(f"trainings/{params.training_id}/export/")  # the files were uploaded ...
     assert read_manifest(stack.store, params.training_id) is None  # ... but the model is not complete
     status = _status(stack, params.training_id)
