@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -77,6 +78,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with PrefectGateway(settings.prefect_api) as gateway:
                 app.state.gateway = gateway
                 app.state.admission = Admission(gateway, settings.max_queued, settings.queue_retry_after_s)
+                # Prefect's import leaves ~10^5 long-lived objects; frozen, full collections stop
+                # walking them (they were the status endpoint's slowest answers under load).
+                gc.collect()
+                gc.freeze()
                 yield
         finally:
             app.state.cropper.close()

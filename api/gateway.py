@@ -40,6 +40,7 @@ CLEANUP_TAG = "dreamflow-cleanup"
 CLEANUP_DEPLOYMENT = "dreamflow-cleanup/cleanup"
 LIST_LIMIT = 200
 STATUS_CACHE_S = 1.0
+STALE_FACTOR = 5  # how many cache intervals a last answer may be served while it is refreshed
 CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
@@ -162,20 +163,38 @@ class PrefectGateway:
         """The caller's training with this id, or None (unknown ids and others' ids alike).
 
         Answers are reused for ``cache_s`` seconds: many clients polling one training cost one
-        Prefect query per interval, and a state is at most that old.
+        Prefect query per interval. Past that, up to ``STALE_FACTOR`` intervals, the last answer is
+        still returned at once while one query refreshes it in the background, so pollers never
+        wait on Prefect; an answer is then at most about two intervals old. Cancel and delete
+        forget the training, so their effect shows on the next request.
         """
         key = (training_id, owner)
         cached = self._recent.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self._cache_s:
+        age = time.monotonic() - cached[0] if cached is not None else None
+        if cached is not None and age < self._cache_s:
             return cached[1]
-        # One Prefect query per training however many requests miss the cache at once: the
-        # others wait for it (shielded, so a client that disconnects does not cancel it for all).
+        pending = self._refresh(key)
+        if cached is not None and age < self._cache_s * STALE_FACTOR:
+            return cached[1]
+        return await asyncio.shield(pending)
+
+    def _refresh(self, key: tuple[str, str]) -> asyncio.Future[TrainingRun | None]:
+        """The one Prefect query under way for this training, started if none is (single flight)."""
         pending = self._pending.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch_training(training_id, owner))
+            pending = asyncio.ensure_future(self._fetch_training(*key))
             self._pending[key] = pending
-            pending.add_done_callback(lambda done: self._pending.pop(key) if self._pending.get(key) is done else None)
-        return await asyncio.shield(pending)
+            pending.add_done_callback(self._refresh_done(key))
+        return pending
+
+    def _refresh_done(self, key: tuple[str, str]) -> Callable[[asyncio.Future[TrainingRun | None]], None]:
+        def done(future: asyncio.Future[TrainingRun | None]) -> None:
+            if self._pending.get(key) is future:
+                del self._pending[key]
+            if not future.cancelled():
+                future.exception()  # a failed background refresh is retried by the next request
+
+        return done
 
     async def _fetch_training(self, training_id: str, owner: str) -> TrainingRun | None:
         asked = time.monotonic()

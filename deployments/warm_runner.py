@@ -14,6 +14,7 @@ environment, and runs Prefect's engine exactly as ``python -m prefect.engine`` w
     python -m deployments.warm_runner /path/to/runner.sock
 """
 
+# ruff: noqa: F401  (preload() imports for the side effect of having imported)
 from __future__ import annotations
 
 import json
@@ -48,7 +49,12 @@ def preload() -> float:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from accelerate import Accelerator
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from facenet_pytorch import MTCNN
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     import flows.cleanup
     import flows.retrain
@@ -175,7 +181,7 @@ def run_forked(conn: socket.socket, context: dict[str, Any], fds: list[int]) -> 
         os.environ.update(context["env"])
         os.chdir(context["cwd"])
         code = run_engine()  # sys.stdout/stderr write to fds 1 and 2: the launcher's streams now
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (whatever happens, the fork must exit here)
         import traceback
 
         traceback.print_exc()

@@ -53,6 +53,21 @@ def test_forgetting_a_training_makes_the_next_request_ask_prefect_again() -> Non
     assert queries == 2 and not same
 
 
+def test_a_stale_answer_is_served_at_once_while_one_query_refreshes_it() -> None:
+    async def scenario() -> tuple[bool, int, bool]:
+        gateway = CountingGateway(cache_s=0.1)
+        first = await gateway.find_training("abc", "owner")
+        await asyncio.sleep(0.15)  # past the cache interval, within the stale window
+        stale = await asyncio.gather(*(gateway.find_training("abc", "owner") for _ in range(20)))
+        served_stale = all(run is first for run in stale)
+        await asyncio.sleep(0.1)  # the background refresh lands
+        fresh = await gateway.find_training("abc", "owner")
+        return served_stale, gateway.queries, fresh is not first
+
+    served_stale, queries, refreshed = asyncio.run(scenario())
+    assert served_stale and queries == 2 and refreshed
+
+
 def test_a_cached_body_is_served_only_for_the_same_gateway_answer() -> None:
     cache = StatusCache()
     run = a_run()
