@@ -40,7 +40,6 @@ CLEANUP_TAG = "dreamflow-cleanup"
 CLEANUP_DEPLOYMENT = "dreamflow-cleanup/cleanup"
 LIST_LIMIT = 200
 STATUS_CACHE_S = 1.0
-STALE_FACTOR = 5  # how many cache intervals a last answer may be served while it is refreshed
 CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
@@ -163,20 +162,15 @@ class PrefectGateway:
         """The caller's training with this id, or None (unknown ids and others' ids alike).
 
         Answers are reused for ``cache_s`` seconds: many clients polling one training cost one
-        Prefect query per interval. Past that, up to ``STALE_FACTOR`` intervals, the last answer is
-        still returned at once while one query refreshes it in the background, so pollers never
-        wait on Prefect; an answer is then at most about two intervals old. Cancel and delete
-        forget the training, so their effect shows on the next request.
+        Prefect query per interval (requests that miss the cache together share one query), and a
+        state is at most that old. Past that, requests wait for Prefect, so an unreachable server
+        is a 503 rather than an old answer. Cancel and delete forget the training at once.
         """
         key = (training_id, owner)
         cached = self._recent.get(key)
-        age = time.monotonic() - cached[0] if cached is not None else None
-        if cached is not None and age < self._cache_s:
+        if cached is not None and time.monotonic() - cached[0] < self._cache_s:
             return cached[1]
-        pending = self._refresh(key)
-        if cached is not None and age < self._cache_s * STALE_FACTOR:
-            return cached[1]
-        return await asyncio.shield(pending)
+        return await asyncio.shield(self._refresh(key))
 
     def _refresh(self, key: tuple[str, str]) -> asyncio.Future[TrainingRun | None]:
         """The one Prefect query under way for this training, started if none is (single flight)."""
@@ -192,7 +186,7 @@ class PrefectGateway:
             if self._pending.get(key) is future:
                 del self._pending[key]
             if not future.cancelled():
-                future.exception()  # a failed background refresh is retried by the next request
+                future.exception()  # seen by its waiters; marked retrieved for a query nobody awaits any more
 
         return done
 

@@ -187,10 +187,29 @@ def run_forked(conn: socket.socket, context: dict[str, Any], fds: list[int]) -> 
         traceback.print_exc()
     finally:
         try:
+            shut_down_like_an_interpreter()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def shut_down_like_an_interpreter() -> None:
+    """What Python does at exit before it tears itself down, so queued work is not lost.
+
+    Prefect ships the run's logs and events from background services that drain in
+    ``threading``'s exit hooks; ``os._exit`` alone would drop the last batch (a short run's every
+    log line). The fork then skips the interpreter's own teardown, which the runner still needs.
+    """
+    import atexit
+    import threading
+    import traceback
+
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # joins threads, runs _register_atexit hooks
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
 
 
 def run_engine() -> int:

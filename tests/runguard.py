@@ -14,21 +14,10 @@ from contextlib import contextmanager
 import httpx
 
 from flows.records import APP_TAG, training_prefix
-from stackserver import RunningStack
+from stackserver import RunningStack, prefect_request
 
 ACTIVE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED"]
-PREFECT_TRIES = 5
-
-
-def _prefect(method: str, url: str, json: dict) -> httpx.Response:
-    """One Prefect REST call, tried again on 503: its SQLite answers "database is locked" under bursts."""
-    for attempt in range(PREFECT_TRIES):
-        response = httpx.request(method, url, json=json, timeout=30)
-        if response.status_code != 503 or attempt == PREFECT_TRIES - 1:
-            response.raise_for_status()
-            return response
-        time.sleep(1.0 + attempt)
-    raise AssertionError("unreachable")
+_prefect = prefect_request
 
 
 def set_pool_paused(stack: RunningStack, paused: bool) -> None:

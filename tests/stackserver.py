@@ -17,6 +17,20 @@ from flows.settings import Settings
 from flows.store import S3Store
 from s3server import WeedS3Server, free_ports
 
+PREFECT_TRIES = 5
+
+
+def prefect_request(method: str, url: str, json: dict) -> httpx.Response:
+    """One Prefect REST call, tried again on 503: its SQLite answers "database is locked" under bursts."""
+    for attempt in range(PREFECT_TRIES):
+        response = httpx.request(method, url, json=json, timeout=30)
+        if response.status_code != 503 or attempt == PREFECT_TRIES - 1:
+            response.raise_for_status()
+            return response
+        time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
 KEYS = ("test-key-alice", "test-key-bob")
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"dreamflow-test-webhook-secret-32b").decode()
 TERMINAL = {"model_ready", "failed", "cancelled"}
@@ -85,9 +99,8 @@ class RunningStack:
 
     def set_pool_paused(self, paused: bool) -> None:
         """Pause or resume the work pool: a paused pool hands no runs to its workers."""
-        response = httpx.patch(f"{self.settings.prefect_api}/work_pools/{self.settings.work_pool}",
-                               json={"is_paused": paused}, timeout=10)
-        response.raise_for_status()
+        prefect_request("PATCH", f"{self.settings.prefect_api}/work_pools/{self.settings.work_pool}",
+                        {"is_paused": paused})
 
     def status(self, training_id: str, key: str = KEYS[0]) -> httpx.Response:
         """One status request to the facade, whatever it answers."""
@@ -103,24 +116,18 @@ class RunningStack:
 
     def flow_run_count(self) -> int:
         """Flow runs the Prefect server knows, straight from its REST API."""
-        response = httpx.post(f"{self.settings.prefect_api}/flow_runs/count", json={}, timeout=10)
-        response.raise_for_status()
-        return int(response.json())
+        return int(prefect_request("POST", f"{self.settings.prefect_api}/flow_runs/count", {}).json())
 
     def artifacts(self, training_id: str) -> list[dict]:
         """The Prefect artifacts of a training's flow run (what the UI shows on the run's page)."""
         run_id = self.flow_run(training_id)["id"]
-        response = httpx.post(f"{self.settings.prefect_api}/artifacts/filter", timeout=10,
-                              json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
-        response.raise_for_status()
-        return response.json()
+        return prefect_request("POST", f"{self.settings.prefect_api}/artifacts/filter",
+                               {"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
 
     def flow_run(self, training_id: str) -> dict:
         """A training's flow run as the Prefect server's REST API describes it."""
-        response = httpx.post(f"{self.settings.prefect_api}/flow_runs/filter", timeout=10,
-                              json={"flow_runs": {"name": {"any_": [training_id]}}, "limit": 1})
-        response.raise_for_status()
-        return response.json()[0]
+        return prefect_request("POST", f"{self.settings.prefect_api}/flow_runs/filter",
+                               {"flow_runs": {"name": {"any_": [training_id]}}, "limit": 1}).json()[0]
 
     def wait_until_done(self, training_id: str, key: str, timeout_s: float = 300,
                         until: set[str] = TERMINAL) -> tuple[dict, list[str]]:

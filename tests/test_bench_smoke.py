@@ -45,7 +45,9 @@ def test_both_loops_train_two_steps_and_the_result_has_its_keys(bench: ModuleTyp
     written = json.loads(path.read_text())
     assert path.name == "train_loop.json"
     assert set(written) == {"benchmark", "machine", "setup", "loops", "ratio_engine_over_reference",
-                            "target_ratio", "meets_target"}
+                            "ratio_engine_compiled_over_reference", "target_ratio", "meets_target",
+                            "meets_target_with_compile_unet"}
+    assert written["ratio_engine_compiled_over_reference"] is None  # no compiled loop in this smoke run
     assert set(written["machine"]) == set(sys.modules["benchresults"].MACHINE_KEYS)
     assert written["machine"]["cpu_count"] >= 1 and written["machine"]["torch_threads"] == 1
     assert written["machine"]["shared_machine"] is True and len(written["machine"]["load_average_before"]) == 3
