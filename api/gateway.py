@@ -7,6 +7,7 @@ Every training is a flow run of a deployment, named by its training id and tagge
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -170,25 +171,20 @@ class PrefectGateway:
         cached = self._recent.get(key)
         if cached is not None and time.monotonic() - cached[0] < self._cache_s:
             return cached[1]
-        return await asyncio.shield(self._refresh(key))
-
-    def _refresh(self, key: tuple[str, str]) -> asyncio.Future[TrainingRun | None]:
-        """The one Prefect query under way for this training, started if none is (single flight)."""
+        # Requests that miss together share one query; shielded, so a client that disconnects
+        # does not cancel it for the others.
         pending = self._pending.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch_training(*key))
+            pending = asyncio.ensure_future(self._fetch_training(training_id, owner))
             self._pending[key] = pending
-            pending.add_done_callback(self._refresh_done(key))
-        return pending
+            pending.add_done_callback(functools.partial(self._query_done, key))
+        return await asyncio.shield(pending)
 
-    def _refresh_done(self, key: tuple[str, str]) -> Callable[[asyncio.Future[TrainingRun | None]], None]:
-        def done(future: asyncio.Future[TrainingRun | None]) -> None:
-            if self._pending.get(key) is future:
-                del self._pending[key]
-            if not future.cancelled():
-                future.exception()  # seen by its waiters; marked retrieved for a query nobody awaits any more
-
-        return done
+    def _query_done(self, key: tuple[str, str], future: asyncio.Future[TrainingRun | None]) -> None:
+        if self._pending.get(key) is future:  # not forgotten (and replaced) meanwhile
+            del self._pending[key]
+        if not future.cancelled():
+            future.exception()  # its waiters saw it; marked retrieved for a query nobody awaits any more
 
     async def _fetch_training(self, training_id: str, owner: str) -> TrainingRun | None:
         asked = time.monotonic()

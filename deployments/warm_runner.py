@@ -8,8 +8,9 @@ memory (shared copy-on-write) instead of importing them again.
 
 Fork safety: the runner stays single-threaded and never runs a tensor operation (no thread pools
 exist to be copied half-way); it only imports. Each fork takes the launcher's environment,
-working folder and standard streams, refreshes Prefect's settings and dreamflow's from that
-environment, and runs Prefect's engine exactly as ``python -m prefect.engine`` would.
+working folder and standard streams, refreshes Prefect's settings from that environment
+(dreamflow reads its own when it uses them), and runs Prefect's engine exactly as
+``python -m prefect.engine`` would.
 
     python -m deployments.warm_runner /path/to/runner.sock
 """
@@ -218,12 +219,7 @@ def run_engine() -> int:
 
     import prefect.context
 
-    from flows import settings as dreamflow_settings
-
-    prefect.context.refresh_global_settings_context()
-    cached = getattr(dreamflow_settings.get_settings, "cache_clear", None)
-    if cached is not None:
-        cached()
+    prefect.context.refresh_global_settings_context()  # dreamflow's own settings are read when used
     os.environ["DREAMFLOW_WARM_START"] = "1"
     sys.argv = ["prefect.engine"]
     sys.modules.pop("prefect.engine", None)  # run its __main__ block afresh

@@ -134,12 +134,12 @@ def load_trainable_text_encoder(config: TrainConfig) -> Any | None:
 
 def make_optimizer(config: TrainConfig, unet: Any, text_encoder: Any | None) -> Any:
     """AdamW (8-bit when bitsandbytes and CUDA allow it) with one group per model and learning rate."""
+    import torch
+
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
     if text_encoder is not None:
         groups.append({"params": list(text_encoder.parameters()), "lr": config.text_encoder_learning_rate})
     optimizer_class = _adamw_class(config.use_8bit_adam)
-    import torch
-
     if optimizer_class is torch.optim.AdamW and all(p.is_cuda for group in groups for p in group["params"]):
         # One fused kernel for the whole update instead of a handful of launches per tensor.
         return optimizer_class(groups, lr=config.learning_rate, fused=True)

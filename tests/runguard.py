@@ -7,33 +7,25 @@ queued run, without queueing a cleanup run) and its stored inputs are deleted.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import httpx
 
 from flows.records import APP_TAG, training_prefix
 from stackserver import RunningStack, prefect_request
 
 ACTIVE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED"]
-_prefect = prefect_request
-
-
-def set_pool_paused(stack: RunningStack, paused: bool) -> None:
-    _prefect("PATCH", f"{stack.settings.prefect_api}/work_pools/{stack.settings.work_pool}", {"is_paused": paused})
 
 
 def active_trainings(stack: RunningStack) -> list[dict]:
     """Flow runs of trainings (tag ``dreamflow``) in an active state, as Prefect's REST API lists them."""
-    return _prefect("POST", f"{stack.settings.prefect_api}/flow_runs/filter", {
+    return prefect_request("POST", f"{stack.settings.prefect_api}/flow_runs/filter", {
         "flow_runs": {"tags": {"all_": [APP_TAG]}, "state": {"type": {"any_": ACTIVE_TYPES}}}, "limit": 200}).json()
 
 
-def cancel_in_prefect(stack: RunningStack, runs: list[dict]) -> None:
+def cancel_inprefect_request(stack: RunningStack, runs: list[dict]) -> None:
     """Force each run to Cancelled and delete its stored inputs."""
     for run in runs:
-        _prefect("POST", f"{stack.settings.prefect_api}/flow_runs/{run['id']}/set_state", {
+        prefect_request("POST", f"{stack.settings.prefect_api}/flow_runs/{run['id']}/set_state", {
             "state": {"type": "CANCELLED", "name": "Cancelled", "message": "cancelled by the test"}, "force": True})
         stack.store.delete_prefix(training_prefix(run["name"]))
 
@@ -45,11 +37,11 @@ def pool_paused(stack: RunningStack) -> Iterator[set[str]]:
     Yields the ids of the runs that were already active before (left alone).
     """
     before = {run["id"] for run in active_trainings(stack)}
-    set_pool_paused(stack, True)
+    stack.set_pool_paused(True)
     try:
         yield before
     finally:
         try:
-            cancel_in_prefect(stack, [run for run in active_trainings(stack) if run["id"] not in before])
+            cancel_inprefect_request(stack, [run for run in active_trainings(stack) if run["id"] not in before])
         finally:
-            set_pool_paused(stack, False)
+            stack.set_pool_paused(False)
