@@ -145,6 +145,9 @@ class TrainResult(BaseModel):
     final_loss: float = Field(description="Mean loss over the last report window.")
     losses: list[tuple[int, float]] = Field(description="(step, mean loss since the previous report).")
     seconds: float = Field(description="Wall time of the whole run, loading included.")
+    phases: dict[str, float] = Field(
+        default_factory=dict, description="Wall seconds of each part of the run: setup, loop, save, free."
+    )
 
     @property
     def lora_file(self) -> Path:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from prefect import task
-from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel
 
 from flows.params import TrainingParams, TrainingStatus
@@ -17,6 +16,7 @@ from flows.registry import BaseModelEntry
 from flows.settings import GPU_CONCURRENCY_LIMIT
 from tasks.artifacts import ProgressArtifact
 from tasks.context import base_model, report_stage, worker_settings, worker_store, workdir
+from tasks.gpuslot import gpu_slot
 from tasks.models import resolve_pretrained
 
 if TYPE_CHECKING:
@@ -126,10 +126,11 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     report_stage(params.training_id, TrainingStatus.DEPLOYING_GPU, "waiting-for-gpu", "waiting for a free GPU slot")
     # One GPU slot per training, across all workers. The lease is renewed while training runs; a
     # process that died (and so stopped renewing) frees its slot within GPU_LEASE_S.
-    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, lease_duration=GPU_LEASE_S):
+    with gpu_slot(GPU_CONCURRENCY_LIMIT, GPU_LEASE_S) as waited:
         started_at = time.time()
         report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "training",
-                     f"Training Started on {len(crop_paths)} images", step=0, total_steps=params.max_train_steps)
+                     f"Training Started on {len(crop_paths)} images (GPU slot after {waited:.1f} s)",
+                     step=0, total_steps=params.max_train_steps)
         result = train(
             config, [Path(p) for p in crop_paths], captions, workdir(params.training_id, "model"),
             on_progress=progress_reporter(params.training_id),
@@ -139,7 +140,8 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
         trained_between = (started_at, time.time())
     report_stage(
         params.training_id, TrainingStatus.TRAINING_SUCCESS, "trained",
-        f"Training finished: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}",
+        f"Training finished: {result.steps} steps in {result.seconds:.1f} s "
+        f"({', '.join(f'{name} {seconds:.2f} s' for name, seconds in result.phases.items())}), loss {result.final_loss:.4f}",
         step=result.steps, total_steps=result.steps, loss=result.final_loss,
     )
     weights = result.pipeline_dir if result.pipeline_dir is not None else result.adapter_file

@@ -58,13 +58,18 @@ def train(
     if class_images and not config.class_prompt:
         raise ValueError("class images need config.class_prompt")
     started = time.perf_counter()
+    phases = _Phases()
     session = start_session(config, images, captions, class_images)
     try:
         start_step, losses = _resume(session, checkpoints)
+        phases.mark("setup")
         losses = _run_loop(session, config, start_step, losses, on_progress, should_stop, checkpoints)
+        phases.mark("loop")
         adapter_file, pipeline_dir = _save_result(session, config, Path(output_dir))
+        phases.mark("save")
     finally:
         _free(session)
+    phases.mark("free")
     adapter = config.method in ADAPTER_METHODS
     return TrainResult(
         method=config.method,
@@ -78,7 +83,21 @@ def train(
         final_loss=losses[-1][1],
         losses=losses,
         seconds=time.perf_counter() - started,
+        phases=phases.seconds,
     )
+
+
+class _Phases:
+    """Wall seconds of consecutive parts of a run, each from the previous mark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _resume(session: Session, checkpoints: CheckpointStore | None) -> tuple[int, list[tuple[int, float]]]:

@@ -1,0 +1,98 @@
+"""One slot of the GPU's global concurrency limit in Prefect, held with a renewed lease.
+
+Prefect's own ``concurrency()`` does the same, but through a client that waits 2 s (then 4, 8...)
+after a 503. The embedded Prefect server answers 503 to a slot request whenever SQLite finds that
+another write landed between the request's read and its write (SQLITE_BUSY_SNAPSHOT), and right
+after a flow's first tasks end, while the server records their states and logs, that happened to
+most jobs on the 2-core machine: 2 s of every job spent waiting for a slot that was free
+(bench/results/pipeline.json). A 503 means the server rolled the request back, so asking again
+at once is safe; here the retries start at 50 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from uuid import UUID
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+UNREACHABLE_LIMIT_S = 120.0  # how long the server may fail every request before the task fails
+BUSY_RETRY_S = 1.0  # when the server names no Retry-After for a limit with no free slot
+TRANSIENT = (502, 503, 504)
+
+
+@contextmanager
+def gpu_slot(limit: str, lease_s: float) -> Iterator[float]:
+    """Hold one slot of the global concurrency limit ``limit`` (waiting as long as all are taken);
+    yields the seconds it waited. A process that dies stops renewing, so its slot frees itself
+    within ``lease_s``. Without such a limit in Prefect, nothing is held."""
+    from prefect.concurrency._leases import maintain_concurrency_lease
+
+    started = time.monotonic()
+    lease_id = _acquire(limit, lease_s)
+    waited = time.monotonic() - started
+    if lease_id is None:
+        log.warning("no concurrency limit %r in Prefect: training without a GPU slot", limit)
+        yield waited
+        return
+    try:
+        with maintain_concurrency_lease(lease_id, lease_s, raise_on_lease_renewal_failure=False):
+            yield waited
+    finally:
+        _call(lambda client: client.release_concurrency_slots_with_lease(lease_id=lease_id))
+
+
+def _acquire(limit: str, lease_s: float) -> UUID | None:
+    holder = _holder()
+
+    def request(client: object) -> httpx.Response:
+        return client.increment_concurrency_slots_with_lease(  # type: ignore[attr-defined]
+            names=[limit], slots=1, mode="concurrency", lease_duration=lease_s, holder=holder,
+        )
+
+    while True:
+        try:
+            body = _call(request).json()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 423:  # 423: every slot is taken
+                raise
+            time.sleep(float(exc.response.headers.get("Retry-After") or BUSY_RETRY_S))
+            continue
+        return UUID(body["lease_id"]) if body.get("limits") else None
+
+
+def _call(send: object) -> httpx.Response:
+    """``send(client)`` on a Prefect client without its own retries, retried here from 50 ms up on
+    502/503/504 and lost connections, for at most UNREACHABLE_LIMIT_S; other errors raise."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    delay, deadline = RETRY_FIRST_S, time.monotonic() + UNREACHABLE_LIMIT_S
+    while True:
+        try:
+            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
+                return send(client)  # type: ignore[operator]
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in TRANSIENT or time.monotonic() > deadline:
+                raise
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _holder() -> object | None:
+    """The task run holding the slot, as the Prefect UI lists it."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    return ConcurrencyLeaseHolder(type="task_run", id=context.task_run.id) if context else None
