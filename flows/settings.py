@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     warm_runner: bool = Field(
         True, description="Start flow runs as forks of a process that has torch, diffusers and Prefect imported."
     )
+    resident_models: str = Field(
+        "tiny",
+        description="Comma-separated base_model_id values the warm runner keeps in memory (UNet, VAE, text "
+        "encoders, tokenizers) so that jobs on them skip loading; empty for none.",
+    )
     compile_unet: bool = Field(
         False, description="torch.compile the UNet (CUDA graphs on a GPU); kernels are cached in <data>/cache/inductor."
     )

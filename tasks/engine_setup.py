@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.adapters import adapter_config
 from tasks.engine_config import ADAPTER_METHODS, TrainConfig
 from tasks.engine_data import Dataset, build_dataset
+from tasks.resident import take
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +108,9 @@ def load_trainable_unet(config: TrainConfig) -> UNet2DConditionModel:
 
     adapter = config.method in ADAPTER_METHODS
     dtype = weight_dtype(config.mixed_precision) if adapter else torch.float32
-    unet = UNet2DConditionModel.from_pretrained(config.pretrained_path, subfolder="unet", dtype=dtype)
+    unet = take(config.pretrained_path, "unet", dtype) or UNet2DConditionModel.from_pretrained(
+        config.pretrained_path, subfolder="unet", dtype=dtype
+    )
     if adapter:
         unet.requires_grad_(False)
         unet.add_adapter(adapter_config(config.method, config.rank, float(config.alpha), list(config.target_modules)))

@@ -8,9 +8,10 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionPipeline
     from PIL.Image import Image
 
@@ -41,17 +42,29 @@ def load_pipeline(
 
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
-    if pipeline_family(model_dir, family) == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype)
+    sdxl = pipeline_family(model_dir, family) == "sdxl"
+    components = resident_components(model_dir, dtype, sdxl)
+    if sdxl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype, **components)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
-            model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False, **components
         )
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to("cuda" if cuda else "cpu")
     if lora_file is not None:
         apply_adapter_file(pipe, Path(lora_file))
     return pipe
+
+
+def resident_components(model_dir: str, dtype: torch.dtype, sdxl: bool) -> dict[str, Any]:
+    """The VAE, text encoders and tokenizers of `model_dir` that are resident in memory in `dtype`
+    (see tasks/resident.py), taken: sampling is a job's last use of them."""
+    from tasks.resident import take
+
+    names = ["vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if sdxl else [])
+    found = {name: take(model_dir, name, None if name.startswith("tokenizer") else dtype) for name in names}
+    return {name: component for name, component in found.items() if component is not None}
 
 
 def render(

@@ -1,0 +1,106 @@
+"""Base models kept in memory between jobs (tasks/resident.py): a job on a resident model skips
+loading it and trains and samples exactly as a job that loads it from disk."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine_fixtures import PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401
+from tasks import resident
+from tasks.sampling import generate_samples
+from tasks.train_engine import train
+
+
+@pytest.fixture(autouse=True)
+def nothing_resident() -> Iterator[None]:
+    resident._components.clear()
+    yield
+    resident._components.clear()
+
+
+def run_job(model: Path, photos: list[Path], out: Path) -> tuple[list[tuple[int, float]], list[np.ndarray]]:
+    """Train a LoRA and sample from it: the job's loss history and sample pixels."""
+    result = train(config_for(model), photos, [PROMPT] * len(photos), out / "model")
+    samples = generate_samples(str(model), result.adapter_file, PROMPT, None, 2, 0, 64, out / "samples", steps=4)
+    return result.losses, [np.asarray(Image.open(path)) for path in samples]
+
+
+def test_a_job_on_a_resident_model_uses_it_and_matches_one_that_loads(
+    tiny: Path, subject: list[Path], tmp_path: Path  # noqa: F811
+) -> None:
+    from_disk = run_job(tiny, subject, tmp_path / "disk")
+
+    resident.load_resident(str(tiny), "sd15")
+    unet = resident.borrow(str(tiny), "unet", torch.float32)
+    assert [(part, dtype) for _, part, dtype in resident.resident()] == [
+        ("text_encoder", "torch.float32"), ("tokenizer", ""), ("unet", "torch.float32"), ("vae", "torch.float32")]
+
+    result = train(config_for(tiny), subject, [PROMPT] * len(subject), tmp_path / "model")
+    # The training took the UNet (it added its adapter to that very object) and only ran the rest.
+    assert [part for _, part, _ in resident.resident()] == ["text_encoder", "tokenizer", "vae"]
+    assert any("lora" in name for name, _ in unet.named_parameters())
+    samples = generate_samples(str(tiny), result.adapter_file, PROMPT, None, 2, 0, 64, tmp_path / "samples", steps=4)
+    assert resident.resident() == []  # sampling, the job's last use, took the rest
+
+    assert result.losses == from_disk[0]
+    for image, expected in zip((np.asarray(Image.open(path)) for path in samples), from_disk[1], strict=True):
+        assert np.array_equal(image, expected)
+
+
+def test_a_model_that_cannot_load_is_skipped_and_jobs_load_it_themselves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DREAMFLOW_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    logger = logging.getLogger(resident.__name__)
+    logger.addHandler(caplog.handler)  # Prefect's logging config may not let it propagate
+    try:
+        resident.preload_models(["no-such-model", "realistic-vision-v51"])  # unknown; a hub model not on this machine
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert resident.resident() == []
+    assert "no-such-model not kept in memory" in caplog.text and "realistic-vision-v51 not kept in memory" in caplog.text
+
+
+def test_the_warm_runner_preloads_the_configured_models_and_its_forks_train_on_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, subject: list[Path]  # noqa: F811
+) -> None:
+    """The runner's preload makes `tiny` resident; a fork then trains on it (OpenMP threads set up
+    afresh in the fork: a runner that had run torch ops on several threads made its forks crawl)."""
+    from deployments import warm_runner
+
+    monkeypatch.setenv("DREAMFLOW_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DREAMFLOW_RESIDENT_MODELS", "tiny")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this test process's own count
+    try:
+        warm_runner.preload()
+    finally:
+        gc.unfreeze()  # the runner freezes what it has for good; this test process goes on
+    parts = {(Path(folder).name, part) for folder, part, _ in resident.resident()}
+    assert parts == {("tiny", "unet"), ("tiny", "vae"), ("tiny", "text_encoder"), ("tiny", "tokenizer")}
+    model = Path(resident.resident()[0][0])
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the fork: train on the resident UNet, report whether it was the resident one
+        code = 1
+        try:
+            unet = resident.borrow(str(model), "unet", torch.float32)
+            train(config_for(model, max_train_steps=2), subject, [PROMPT] * len(subject), tmp_path / "fork")
+            os.write(write, b"took" if resident.borrow(str(model), "unet", torch.float32) is None and unet else b"no")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0 and os.read(read, 10) == b"took"
+    assert ("tiny", "unet") in {(Path(folder).name, part) for folder, part, _ in resident.resident()}  # the runner keeps its own
