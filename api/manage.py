@@ -38,17 +38,16 @@ async def fine_tune_status(
 ) -> Response:
     """Status, progress, ETA, error and links of one of the caller's trainings."""
     run = await owned_run(gateway, training_id, owner)
-    cache: StatusCache = request.app.state.status_cache
-    body = cache.get(training_id, owner, run)
-    if body is None:
-        stage, manifest = await asyncio.gather(
-            asyncio.to_thread(read_stage, store, training_id), asyncio.to_thread(read_manifest, store, training_id)
-        )
+
+    def compose() -> bytes:  # store reads and link signing, in a worker thread: the event loop serves on
+        stage, manifest = read_stage(store, training_id), read_manifest(store, training_id)
         entry = registry.get(str(run.parameters.get("base_model_id")))
         status = compose_status(run, stage, manifest, lambda key: store.link(key, settings.link_expiry_s),
                                 entry.seconds_per_step if entry else 1.0)
-        body = status.model_dump_json(by_alias=True).encode()
-        cache.put(training_id, owner, run, body)
+        return status.model_dump_json(by_alias=True).encode()
+
+    cache: StatusCache = request.app.state.status_cache
+    body = await cache.body(training_id, owner, run, lambda: asyncio.to_thread(compose))
     return Response(content=body, media_type="application/json")
 
 

@@ -88,3 +88,50 @@ def test_the_cache_keeps_at_most_its_size_dropping_the_oldest() -> None:
         cache.put(name, "owner", run, name.encode())
     assert cache.get("a", "owner", runs["a"]) is None
     assert [cache.get(n, "owner", runs[n]) for n in "bcd"] == [b"b", b"c", b"d"]
+
+
+def test_an_answer_past_half_its_life_is_served_while_one_query_refreshes_it() -> None:
+    async def scenario() -> tuple[int, bool, bool, int]:
+        gateway = CountingGateway(cache_s=0.4)
+        first = await gateway.find_training("abc", "owner")
+        await asyncio.sleep(0.25)  # past half its life, still fresh
+        during = await asyncio.gather(*(gateway.find_training("abc", "owner") for _ in range(20)))
+        served_old = all(run is first for run in during)
+        await asyncio.sleep(0.1)  # the background query (0.05 s) has replaced it
+        refreshed = gateway.cached_training("abc", "owner")
+        return gateway.queries, served_old, refreshed is not None and refreshed is not first, len(gateway._pending)
+
+    queries, served_old, refreshed, pending = asyncio.run(scenario())
+    assert queries == 2 and served_old and refreshed and pending == 0
+
+
+def test_a_query_begun_before_a_cancel_does_not_refill_the_cache() -> None:
+    async def scenario() -> tuple[TrainingRun | None, int]:
+        gateway = CountingGateway(cache_s=60)
+        under_way = asyncio.ensure_future(gateway.find_training("abc", "owner"))
+        await asyncio.sleep(0.01)
+        gateway.forget_cached("abc", "owner")  # the cancel happens while Prefect is being asked
+        await under_way
+        return gateway.cached_training("abc", "owner"), gateway.queries
+
+    cached, queries = asyncio.run(scenario())
+    assert cached is None and queries == 1
+
+
+def test_concurrent_misses_share_one_composition_and_keep_it() -> None:
+    composed = []
+
+    async def compose() -> bytes:
+        composed.append(1)
+        await asyncio.sleep(0.05)
+        return b'{"n":%d}' % len(composed)
+
+    async def scenario() -> tuple[list[bytes], bytes | None, bytes]:
+        cache, run = StatusCache(), a_run()
+        bodies = await asyncio.gather(*(cache.body("abc", "owner", run, compose) for _ in range(50)))
+        newer = a_run()
+        return bodies, cache.get("abc", "owner", run), await cache.body("abc", "owner", newer, compose)
+
+    bodies, kept, recomposed = asyncio.run(scenario())
+    assert set(bodies) == {b'{"n":1}'} and kept == b'{"n":1}'
+    assert recomposed == b'{"n":2}' and len(composed) == 2
