@@ -15,6 +15,7 @@ from api import files, manage, routes, uploads
 from api.admission import Admission
 from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
+from api.fastpath import FastPathCounts, StatusFastPath
 from api.gateway import GatewayUnavailable, PrefectGateway
 from api.statuscache import StatusCache
 from flows.registry import load_registry
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store_from_settings(settings)
         app.state.cropper = Cropper()
         app.state.status_cache = StatusCache()
+        app.state.status_fast_path = FastPathCounts()
         try:
             async with PrefectGateway(settings.prefect_api) as gateway:
                 app.state.gateway = gateway
@@ -98,5 +100,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (routes.router, routes.sandbox_router, manage.router, manage.sandbox_router, uploads.router):
         app.include_router(router)
     app.include_router(files.router)
+    app.add_middleware(StatusFastPath)  # cached status polls answered before FastAPI's routing
     app.openapi = lambda: openapi_with_real_errors(app)  # type: ignore[method-assign]
     return app
