@@ -131,7 +131,9 @@ class StatusFastPath:
         settings: Settings | None = getattr(state, "settings", None)
         gateway: PrefectGateway | None = getattr(state, "gateway", None)
         cache: StatusCache | None = getattr(state, "status_cache", None)
-        if settings is None or gateway is None or cache is None or header(scope, b"content-type").startswith(FORM_TYPES):
+        if settings is None or gateway is None or cache is None:
+            return None  # not started yet
+        if header(scope, b"content-type").startswith(FORM_TYPES):
             return None
         body = json_object(raw)
         if body is None:
