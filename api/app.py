@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
 from api.fastpath import FastPathCounts, StatusFastPath
 from api.gateway import GatewayUnavailable, PrefectGateway
+from api.status import status_body
 from api.statuscache import StatusCache
 from flows.registry import load_registry
 from flows.settings import Settings, get_settings
@@ -74,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = load_registry(settings.registry_file)
         app.state.store = store_from_settings(settings)
         app.state.cropper = Cropper()
-        app.state.status_cache = StatusCache()
+        app.state.status_cache = StatusCache(
+            functools.partial(status_body, app.state.store, settings, app.state.registry))
         app.state.status_fast_path = FastPathCounts()
         try:
             async with PrefectGateway(settings.prefect_api) as gateway:

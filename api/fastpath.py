@@ -9,7 +9,8 @@ this middleware answers those polls itself:
   small JSON (or empty) body;
 - the key is read and checked by the same functions as the routes' ``current_owner``; a missing or
   unknown key is the same 401;
-- the gateway holds a fresh answer for (id, owner) and the status cache a body for that answer.
+- the gateway holds a fresh answer for (id, owner) and the status cache a fresh body composed from
+  that answer's state (a body past half its age is served while a new one is composed).
 
 Everything else (forms, bad JSON, unknown or others' ids, a cold or expired cache, other routes)
 goes to FastAPI unchanged, with the body it already read handed on. The answers are the routes'
@@ -142,7 +143,7 @@ class StatusFastPath:
         if owner is None:
             return 401, self._invalid_key
         run = gateway.cached_training(training_id, owner)
-        cached = cache.get(training_id, owner, run) if run is not None else None
+        cached = cache.answer(training_id, owner, run) if run is not None else None
         return (200, cached) if cached is not None else None
 
     def _accepted(self, settings: Settings) -> frozenset[str]:
