@@ -217,8 +217,9 @@ class PrefectGateway:
         asked, forgotten = time.monotonic(), self._forgotten
         runs = await self._read_runs([training_tag(training_id), owner_tag(owner)], limit=10)
         if not runs:
-            if forgotten == self._forgotten:
+            if forgotten == self._forgotten:  # gone (deleted elsewhere): not served from memory any more
                 self._recent.pop((training_id, owner), None)
+                self._refreshing.discard((training_id, owner))
             return None
         run = max(runs, key=created_at)  # a rerun is the newest
         if forgotten == self._forgotten:  # no cancel or delete since it was asked: worth keeping
