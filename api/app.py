@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,9 @@ from api import files, manage, routes, uploads
 from api.admission import Admission
 from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
+from api.fastpath import FastPathCounts, StatusFastPath
 from api.gateway import GatewayUnavailable, PrefectGateway
+from api.status import status_body
 from api.statuscache import StatusCache
 from flows.registry import load_registry
 from flows.settings import Settings, get_settings
@@ -73,7 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = load_registry(settings.registry_file)
         app.state.store = store_from_settings(settings)
         app.state.cropper = Cropper()
-        app.state.status_cache = StatusCache()
+        app.state.status_cache = StatusCache(
+            functools.partial(status_body, app.state.store, settings, app.state.registry))
+        app.state.status_fast_path = FastPathCounts()
         try:
             async with PrefectGateway(settings.prefect_api) as gateway:
                 app.state.gateway = gateway
@@ -98,5 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (routes.router, routes.sandbox_router, manage.router, manage.sandbox_router, uploads.router):
         app.include_router(router)
     app.include_router(files.router)
+    app.add_middleware(StatusFastPath)  # cached status polls answered before FastAPI's routing
     app.openapi = lambda: openapi_with_real_errors(app)  # type: ignore[method-assign]
     return app

@@ -91,22 +91,31 @@ async def read_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _presented_key(request: Request, body: dict[str, Any]) -> str | None:
+def presented_key(body: dict[str, Any], authorization: str) -> str | None:
+    """The key the caller sent: the body's ``key`` first, else an ``Authorization: Bearer`` token."""
     key = body.get("key")
     if isinstance(key, str) and key.strip():
         return key.strip() if is_clean_text(key) else None
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def owner_of(key: str | None, accepted_hashes: frozenset[str]) -> str | None:
+    """The owner (key hash) of an accepted key; None for a missing or unknown one."""
+    if key is None:
+        return None
+    owner = hash_key(key)
+    return owner if owner in accepted_hashes else None
 
 
 async def current_owner(
     request: Request, body: Annotated[dict[str, Any], Depends(read_body)], settings: Annotated[Settings, Depends(get_settings)]
 ) -> str:
     """The hash of the caller's API key; 401 when it is missing or unknown."""
-    key = _presented_key(request, body)
-    if key is None or hash_key(key) not in settings.api_key_hashes:
+    owner = owner_of(presented_key(body, request.headers.get("authorization", "")), settings.api_key_hashes)
+    if owner is None:
         raise ApiError(401, INVALID_KEY)
-    return hash_key(key)
+    return owner
 
 
 Body = Annotated[dict[str, Any], Depends(read_body)]

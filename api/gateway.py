@@ -41,6 +41,9 @@ CLEANUP_TAG = "dreamflow-cleanup"
 CLEANUP_DEPLOYMENT = "dreamflow-cleanup/cleanup"
 LIST_LIMIT = 200
 STATUS_CACHE_S = 1.0
+# Past this share of its life a cached answer is still served, and one query refreshes it in the
+# background, so steady polling never waits for Prefect (answers stay at most STATUS_CACHE_S old).
+REFRESH_AHEAD = 0.5
 CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
@@ -96,6 +99,8 @@ class PrefectGateway:
         self._cache_s = cache_s
         self._recent: dict[tuple[str, str], tuple[float, TrainingRun]] = {}
         self._pending: dict[tuple[str, str], asyncio.Future[TrainingRun | None]] = {}
+        self._refreshing: set[tuple[str, str]] = set()  # cached answers whose background refresh has begun
+        self._forgotten = 0  # bumped by forget_cached: a query begun before it must not fill the cache
         self._settings: SettingsContext | None = None
 
     def _call_settings(self) -> SettingsContext:
@@ -164,21 +169,43 @@ class PrefectGateway:
 
         Answers are reused for ``cache_s`` seconds: many clients polling one training cost one
         Prefect query per interval (requests that miss the cache together share one query), and a
-        state is at most that old. Past that, requests wait for Prefect, so an unreachable server
-        is a 503 rather than an old answer. Cancel and delete forget the training at once.
+        state is at most that old; an answer half that old is refreshed in the background while it is
+        still served. Past ``cache_s``, requests wait for Prefect, so an unreachable server is a 503
+        rather than an old answer. Cancel and delete forget the training at once.
+        """
+        cached = self.cached_training(training_id, owner)
+        if cached is not None:
+            return cached
+        # Requests that miss together share one query; shielded, so a client that disconnects
+        # does not cancel it for the others.
+        return await asyncio.shield(self._query(training_id, owner))
+
+    def cached_training(self, training_id: str, owner: str) -> TrainingRun | None:
+        """The cached answer while it is younger than ``cache_s``, else None; never waits.
+
+        An answer past :data:`REFRESH_AHEAD` of its life starts one background query (once per
+        answer), whose result replaces it, so pollers keep being served from memory.
         """
         key = (training_id, owner)
         cached = self._recent.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self._cache_s:
-            return cached[1]
-        # Requests that miss together share one query; shielded, so a client that disconnects
-        # does not cancel it for the others.
+        if cached is None:
+            return None
+        age = time.monotonic() - cached[0]
+        if age >= self._cache_s:
+            return None
+        if age >= self._cache_s * REFRESH_AHEAD and key not in self._refreshing and key not in self._pending:
+            self._refreshing.add(key)  # a failed refresh is not retried until the answer expires
+            self._query(training_id, owner)
+        return cached[1]
+
+    def _query(self, training_id: str, owner: str) -> asyncio.Future[TrainingRun | None]:
+        key = (training_id, owner)
         pending = self._pending.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._fetch_training(training_id, owner))
             self._pending[key] = pending
             pending.add_done_callback(functools.partial(self._query_done, key))
-        return await asyncio.shield(pending)
+        return pending
 
     def _query_done(self, key: tuple[str, str], future: asyncio.Future[TrainingRun | None]) -> None:
         if self._pending.get(key) is future:  # not forgotten (and replaced) meanwhile
@@ -187,20 +214,28 @@ class PrefectGateway:
             future.exception()  # its waiters saw it; marked retrieved for a query nobody awaits any more
 
     async def _fetch_training(self, training_id: str, owner: str) -> TrainingRun | None:
-        asked = time.monotonic()
+        asked, forgotten = time.monotonic(), self._forgotten
         runs = await self._read_runs([training_tag(training_id), owner_tag(owner)], limit=10)
         if not runs:
+            if forgotten == self._forgotten:  # gone (deleted elsewhere): not served from memory any more
+                self._recent.pop((training_id, owner), None)
+                self._refreshing.discard((training_id, owner))
             return None
         run = max(runs, key=created_at)  # a rerun is the newest
-        if len(self._recent) > CACHE_ENTRIES:
-            self._recent.clear()
-        self._recent[(training_id, owner)] = (asked, run)
+        if forgotten == self._forgotten:  # no cancel or delete since it was asked: worth keeping
+            if len(self._recent) > CACHE_ENTRIES:
+                self._recent.clear()
+                self._refreshing.clear()
+            self._recent[(training_id, owner)] = (asked, run)
+            self._refreshing.discard((training_id, owner))
         return run
 
     def forget_cached(self, training_id: str, owner: str) -> None:
         """Drop the cached answer and stop sharing a query already under way (it may predate a change)."""
+        self._forgotten += 1
         self._recent.pop((training_id, owner), None)
         self._pending.pop((training_id, owner), None)
+        self._refreshing.discard((training_id, owner))
 
     async def list_trainings(self, owner: str) -> list[TrainingRun]:
         """The caller's trainings, newest first."""

@@ -7,14 +7,13 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from prefect.client.schemas.objects import StateType
 
-from api.deps import GatewayDep, Owner, RegistryDep, SettingsDep, StoreDep
+from api.deps import GatewayDep, Owner, StoreDep
 from api.errors import NOT_FOUND, ApiError
 from api.examples import KEY_ONLY_EXAMPLE, openapi_body
 from api.gateway import ACTIVE, PrefectGateway, TrainingRun
 from api.schemas import ClientRequest, ErrorPublic, ListPublic, MessagePublic, StatusPublic
-from api.status import compose_status
 from api.statuscache import StatusCache
-from flows.records import read_manifest, read_stage, training_prefix
+from flows.records import read_manifest, training_prefix
 
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 404, 409, 503)}
 KEY_BODY = openapi_body(ClientRequest, KEY_ONLY_EXAMPLE)
@@ -32,24 +31,11 @@ async def owned_run(gateway: PrefectGateway, training_id: str, owner: str) -> Tr
 
 
 @router.post("/fine_tune_status/{training_id}", response_model=StatusPublic, openapi_extra=KEY_BODY)
-async def fine_tune_status(
-    request: Request, training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep, settings: SettingsDep,
-    registry: RegistryDep,
-) -> Response:
+async def fine_tune_status(request: Request, training_id: str, owner: Owner, gateway: GatewayDep) -> Response:
     """Status, progress, ETA, error and links of one of the caller's trainings."""
     run = await owned_run(gateway, training_id, owner)
-    cache: StatusCache = request.app.state.status_cache
-    body = cache.get(training_id, owner, run)
-    if body is None:
-        stage, manifest = await asyncio.gather(
-            asyncio.to_thread(read_stage, store, training_id), asyncio.to_thread(read_manifest, store, training_id)
-        )
-        entry = registry.get(str(run.parameters.get("base_model_id")))
-        status = compose_status(run, stage, manifest, lambda key: store.link(key, settings.link_expiry_s),
-                                entry.seconds_per_step if entry else 1.0)
-        body = status.model_dump_json(by_alias=True).encode()
-        cache.put(training_id, owner, run, body)
-    return Response(content=body, media_type="application/json")
+    cache: StatusCache = request.app.state.status_cache  # composes with api.status.status_body
+    return Response(content=await cache.body(training_id, owner, run), media_type="application/json")
 
 
 sandbox_router.add_api_route("/fine_tune_status/{training_id}", fine_tune_status, methods=["POST"],

@@ -11,7 +11,10 @@ from prefect.client.schemas.objects import StateType
 from api.gateway import TrainingRun
 from api.schemas import ProgressPublic, StatusPublic
 from flows.params import StageRecord, TrainingStatus
-from flows.records import Manifest
+from flows.records import Manifest, read_manifest, read_stage
+from flows.registry import BaseModelEntry
+from flows.settings import Settings
+from flows.store import ObjectStore
 
 # Seconds the stages after the training loop take (convert, upload, samples, manifest) when
 # nothing better is known; the first measured jobs on a deployment are the better estimate.
@@ -127,3 +130,14 @@ def compose_status(
         links=links,
         test_image=test_image,
     )
+
+
+def status_body(store: ObjectStore, settings: Settings, registry: dict[str, BaseModelEntry], training_id: str,
+                run: TrainingRun) -> bytes:
+    """The serialized status answer of one training: store reads and link signing (blocking; call it
+    in a worker thread)."""
+    stage, manifest = read_stage(store, training_id), read_manifest(store, training_id)
+    entry = registry.get(str(run.parameters.get("base_model_id")))
+    status = compose_status(run, stage, manifest, lambda key: store.link(key, settings.link_expiry_s),
+                            entry.seconds_per_step if entry else 1.0)
+    return status.model_dump_json(by_alias=True).encode()

@@ -11,7 +11,10 @@ server). Without wrk, or with ``--httpx``, ``--clients`` coroutines over one htt
 send until ``--requests`` are done: that client saturates a core first, so those figures are a
 floor. To show where the time goes it also measures, one at a time and at the same concurrency:
 
-- ``facade_floor``: the same route with an unknown key (401 before any Prefect or store call);
+- ``facade_floor``: the same route with an unknown key (401 before any Prefect or store call; the
+  status fast path of ``api/fastpath.py`` answers it, as it answers the cached status polls);
+- ``status_via_fastapi_route``: the same status request sent as a form, which the fast path hands to
+  FastAPI's route (routing, dependencies, the route function): what a poll costs without the fast path;
 - ``prefect_filter``: the Prefect REST call the facade makes per status request, sent directly;
 - ``gateway_find_training_in_process``: that call through the facade's PrefectGateway (Prefect
   client, FlowRun parsing), in this process;
@@ -118,19 +121,23 @@ async def hammer(url: str, body: dict, expect: int, clients: int, total: int, se
 
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = '%s'
-wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Content-Type"] = "%s"
 """
 WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
-def wrk_load(url: str, body: dict, clients: int, seconds: float, threads: int = 1) -> dict[str, Any]:
-    """``clients`` keep-alive connections from wrk (C, event loop) for ``seconds``; its rate and percentiles."""
+def wrk_load(url: str, body: dict, clients: int, seconds: float, threads: int = 1, form: bool = False) -> dict[str, Any]:
+    """``clients`` keep-alive connections from wrk (C, event loop) for ``seconds``; its rate and percentiles.
+
+    The body goes as JSON, or form-encoded with ``form``."""
     import json
     import re
     import subprocess
+    from urllib.parse import urlencode
 
+    encoded = (urlencode(body), "application/x-www-form-urlencoded") if form else (json.dumps(body), "application/json")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % json.dumps(body))
+        script.write(WRK_SCRIPT % encoded)
     command = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s", script.name, url]
     output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     Path(script.name).unlink()
@@ -212,15 +219,18 @@ def measure(settings: Settings, training_id: str, args: argparse.Namespace) -> d
     if shutil.which("wrk") and not args.httpx:
         status = wrk_load(status_url, {"key": KEY}, args.clients, args.seconds)
         floor = wrk_load(status_url, {"key": "wrong"}, args.clients, min(args.seconds, 10))
+        via_route = wrk_load(status_url, {"key": KEY}, args.clients, min(args.seconds, 10), form=True)
         prefect = wrk_load(prefect_url, prefect_filter_body(training_id), args.clients, min(args.seconds, 10))
     else:  # the Python client saturates a core long before the facade does; figures are a floor
         floor_total = min(args.requests, 1000)
         status = asyncio.run(hammer(status_url, {"key": KEY}, 200, args.clients, args.requests, args.seconds)).summary()
         floor = asyncio.run(hammer(status_url, {"key": "wrong"}, 401, args.clients, floor_total, args.seconds)).summary()
+        via_route = None
         prefect = asyncio.run(hammer(prefect_url, prefect_filter_body(training_id), 200, args.clients, floor_total,
                                      args.seconds)).summary()
     return {"status_endpoint": status,
             "facade_floor_401_same_route": floor,
+            **({"status_via_fastapi_route_form_body": via_route} if via_route else {}),
             "prefect_flow_run_filter_direct": prefect,
             "one_at_a_time": one_at_a_time(settings, training_id, 50)}
 
@@ -253,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"clients": args.clients, "max_requests": args.requests, "max_seconds": args.seconds,
                   "client": (figures["status_endpoint"].get("tool") or "one httpx.AsyncClient in one asyncio process")
                   + ", on the same machine",
-                  "server": "uvicorn (httptools, uvloop), 1 process; Prefect server (SQLite); local storage",
+                  "server": "uvicorn (httptools, uvloop), 1 process, status fast path (api/fastpath.py); "
+                            "Prefect server (SQLite); local storage",
                   "training_status_during_load": final.get("training_status")},
         **figures,
         "targets": {"requests_per_second": TARGET_RPS, "p99_ms": TARGET_P99_MS},
