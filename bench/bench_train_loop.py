@@ -9,7 +9,8 @@ batch 1, fp32, AdamW, DDPM noise, epsilon MSE, grad clipping at 1.0, the same st
 torch thread. They run alternately (engine, reference, engine, ...) after one warm-up of each.
 
 - engine: ``tasks.train_engine.train`` with ``report_every=1``; VAE latents and text embeddings
-  are computed once before the loop (dreamflow's design).
+  are computed once before the loop (dreamflow's design), AdamW is torch's fused kernel and each
+  LoRA linear runs as one matmul with ``W + s B A`` (same parameters and maths as peft's forward).
 - engine_compiled: the same with ``compile_unet=True`` (torch.compile of the UNet), starting from
   an empty inductor kernel cache. Its untimed warm-up pays the whole compile
   (``warm_up_seconds_to_first_step``, what a first job pays); ``seconds_to_first_step`` of the timed
@@ -17,7 +18,12 @@ torch thread. They run alternately (engine, reference, engine, ...) after one wa
 - reference: the algorithm of diffusers' ``examples/dreambooth/train_dreambooth_lora.py``
   written out here: each step loads the image (DreamBoothDataset, dataloader_num_workers=0),
   tokenises the prompt, VAE-encodes the pixels and samples the latent, text-encodes the prompt,
-  predicts noise, and reads ``loss.detach().item()`` for the progress bar.
+  predicts noise, clips, steps AdamW (torch's default, per-tensor on CPU) and the constant LR
+  schedule, and reads ``loss.detach().item()`` for the progress bar.
+- time to the first step in a new process (after the timed loops): the compiled engine reusing the
+  inductor cache the loops filled (what a second job on a worker pays, ``DREAMFLOW_COMPILE_UNET``
+  with ``<data>/cache/inductor``), and the eager engine, each from the ``train(...)`` call and
+  from the process start (imports included).
 
 Only the loop is timed: steps/s = (steps - 1) / (time of the last step's end - time of the
 first step's end), so model loading, caching and saving are excluded from both.
@@ -131,6 +137,7 @@ class Reference:
     unet: Any
     scheduler: Any
     optimizer: Any
+    lr_scheduler: Any
     params: list[Any]
 
 
@@ -153,7 +160,8 @@ def load_reference(pretrained: Path) -> Reference:
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    return Reference(tokenizer, text_encoder, vae, unet, scheduler, optimizer, params)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # get_scheduler("constant")
+    return Reference(tokenizer, text_encoder, vae, unet, scheduler, optimizer, lr_scheduler, params)
 
 
 def load_example(path: Path, tokenizer: Any, resolution: int) -> tuple[Any, Any]:
@@ -192,6 +200,7 @@ def reference_step(ref: Reference, path: Path, resolution: int) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ref.params, 1.0)
     ref.optimizer.step()
+    ref.lr_scheduler.step()
     ref.optimizer.zero_grad()
     return loss.detach().item()
 
@@ -243,12 +252,44 @@ def reference_breakdown(pretrained: Path, images: Sequence[Path], steps: int, re
         begin = timed("unet_backward", begin)
         torch.nn.utils.clip_grad_norm_(ref.params, 1.0)
         ref.optimizer.step()
+        ref.lr_scheduler.step()
         ref.optimizer.zero_grad()
         loss.detach().item()
         timed("clip_optimizer_item", begin)
     medians = {name: statistics.median(values[1:]) for name, values in phases.items()}  # first step is warm-up
     medians["total"] = sum(medians.values())
     return medians
+
+
+def first_step_in_new_process(pretrained: Path, images: Sequence[Path], compiled: bool) -> dict[str, float]:
+    """Start this script again to train 2 steps; its time to the first step, from ``train(...)`` and from the spawn.
+
+    The child inherits ``TORCHINDUCTOR_CACHE_DIR``, so a compiled child finds the kernels the loops cached.
+    """
+    import json
+    import subprocess
+
+    command = [sys.executable, __file__, "--first-step", "engine_compiled" if compiled else "engine",
+               "--pretrained", str(pretrained), "--images", *map(str, images)]
+    spawned = time.time()
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"seconds_to_first_step": child["seconds_to_first_step"],
+            "seconds_from_process_start": child["first_step_at"] - spawned}
+
+
+def report_first_step(loop: str, pretrained: Path, images: list[Path]) -> int:
+    """Child side of ``first_step_in_new_process``: one 2-step run, its timings as one JSON line."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-first-step-") as work:
+        run = run_engine(pretrained, images, 2, Path(work), compiled=loop == "engine_compiled")
+    first_step_at = time.time() - (time.perf_counter() - run.step_ends[0])
+    sys.stdout.write(json.dumps({"seconds_to_first_step": run.first_step_s, "first_step_at": first_step_at}) + "\n")
+    return 0
 
 
 def alternate(loops: dict[str, Callable[[], LoopRun]], rounds: int,
@@ -296,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the engine with compile_unet=True")
     parser.add_argument("--out-dir", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument("--first-step", choices=["engine", "engine_compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--pretrained", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=Path, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.first_step:
+        return report_first_step(args.first_step, args.pretrained, args.images)
 
     import torch
 
@@ -319,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         body = figures(alternate(loops, args.rounds, warm_ups), args.steps, args.rounds)
         body["wall_s"] = time.perf_counter() - started
         body["warm_up_seconds_to_first_step"] = {name: run.first_step_s for name, run in warm_ups.items()}
+        if not args.no_compile:
+            body["compile_time_to_first_step"] = {
+                "cold_cache_in_process_s": warm_ups["engine_compiled"].first_step_s,
+                "warm_cache_new_process": first_step_in_new_process(pretrained, images, compiled=True),
+                "eager_new_process": first_step_in_new_process(pretrained, images, compiled=False),
+            }
         breakdown = reference_breakdown(pretrained, images, args.steps)
         cacheable = breakdown["load_image_and_tokenize"] + breakdown["vae_encode"] + breakdown["text_encode"]
         body["reference_step_breakdown_ms"] = breakdown
