@@ -119,9 +119,8 @@ def load_tokenizers(pretrained_path: str, family: str) -> list[Any]:
 
 
 def load_text_encoders(pretrained_path: str, family: str) -> list[Any]:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     first = borrow(pretrained_path, "text_encoder", torch.float32) or CLIPTextModel.from_pretrained(
         pretrained_path, subfolder="text_encoder"

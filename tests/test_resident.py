@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_fixtures import PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401
 from PIL import Image
 
-from engine_fixtures import PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401
 from tasks import resident
 from tasks.sampling import generate_samples
 from tasks.train_engine import train
