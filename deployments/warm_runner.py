@@ -40,6 +40,9 @@ REAP_EVERY_S = 0.2
 def preload() -> float:
     """Import what flow runs use and load the resident base models; returns the seconds it took."""
     started = time.perf_counter()
+    # Nothing here may initialise CUDA (a fork cannot use a CUDA its parent initialised): torch's
+    # is_available() then asks NVML, as accelerate's own check does, instead of the CUDA driver.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     import accelerate
     import facenet_pytorch
     import peft

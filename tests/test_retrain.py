@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from uuid import UUID
 
+import httpx
 import pytest
 
 from flows.records import Manifest, read_manifest
@@ -54,6 +55,14 @@ def assert_version_published(stack: RunningStack, name: str, version: int) -> No
         assert stack.store.get_bytes(copy.key) == stack.store.get_bytes(training.files[file_name].key)
 
 
+def subflow_runs(stack: RunningStack, run_id: UUID) -> list[dict]:
+    """The flow runs started inside a retrain run (its training, when it trains)."""
+    response = httpx.post(f"{stack.settings.prefect_api}/flow_runs/filter", timeout=10,
+                          json={"flow_runs": {"parent_flow_run_id": {"any_": [str(run_id)]}}})
+    response.raise_for_status()
+    return response.json()
+
+
 def test_retrains_only_when_the_dataset_changed_and_keeps_the_last_versions(
     stack: RunningStack, photos: list[Path]
 ) -> None:
@@ -61,8 +70,9 @@ def test_retrains_only_when_the_dataset_changed_and_keeps_the_last_versions(
     for photo in photos[:2]:
         stack.store.put_file(f"datasets/{name}/{photo.name}", photo)
 
-    state, message, first_s, _ = retrain(stack, name)
+    state, message, first_s, first_run = retrain(stack, name)
     assert state == "COMPLETED", message
+    assert len(subflow_runs(stack, first_run)) == 1  # v1 was trained, in a subflow run
     assert message == f"published {name} v1 (2 images)"
     first = latest(stack, name)
     assert (first.version, first.images, first.training_id) == (1, 2, f"{name}-v1")
@@ -74,6 +84,7 @@ def test_retrains_only_when_the_dataset_changed_and_keeps_the_last_versions(
     wait_for_log(stack.settings.prefect_api, run_id, "dataset unchanged since v1, nothing to do")
     assert latest(stack, name) == first
     assert not stack.store.list(f"trainings/{name}-v2/")
+    assert subflow_runs(stack, run_id) == []  # no training was even started
 
     stack.store.put_file(f"datasets/{name}/{photos[2].name}", photos[2])
     state, message, second_s, _ = retrain(stack, name, keep_versions=1)
@@ -87,4 +98,3 @@ def test_retrains_only_when_the_dataset_changed_and_keeps_the_last_versions(
     assert remaining == {"v2", "latest.json"}
     assert not stack.store.list(f"trainings/{name}-v1/")
     print(f"\nretrain: v1 {first_s:.1f} s, unchanged {unchanged_s:.1f} s, v2 {second_s:.1f} s")
-    assert unchanged_s < first_s / 2
