@@ -35,57 +35,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tasks.published_configs import CLIP_VIT_L, SD15_UNET, SD_VAE
+
 FLOP_PER_STEP = 1.72e12
 """Forward + backward of the SD 1.5 UNet at 64x64 latents, batch 1 (LoRA adds little)."""
 
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 """Dense bf16 peak by device-name fragment (SXM figures)."""
 
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-
-SD15_TEXT_CONFIG: dict[str, Any] = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-
 TINY_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
+    **SD15_UNET,
     "sample_size": 8,
     "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -95,12 +54,12 @@ TINY_UNET_CONFIG: dict[str, Any] = {
 }
 
 TINY_VAE_CONFIG: dict[str, Any] = {
-    **SD15_VAE_CONFIG, "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+    **SD_VAE, "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
     "block_out_channels": (32, 32), "layers_per_block": 1, "sample_size": 16,
 }
 
 TINY_TEXT_CONFIG: dict[str, Any] = {
-    **SD15_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    **CLIP_VIT_L, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
     "projection_dim": 32,
 }
 
@@ -138,7 +97,7 @@ def build_unet(tiny: bool, device: str, dtype: Any, gradient_checkpointing: bool
 
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET_CONFIG))
+        unet = UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET))
     unet.requires_grad_(False)
     unet.to(device, dtype=dtype)
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES)))
@@ -167,7 +126,7 @@ def bare_step(args: argparse.Namespace, mode: str | None, gradient_checkpointing
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     model = _compile(unet, mode)
-    config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
+    config = TINY_UNET_CONFIG if args.tiny else SD15_UNET
     side, context = config["sample_size"], config["cross_attention_dim"]
     latents = torch.randn(1, 4, side, side, device=args.device)
     embeddings = torch.randn(1, 77, context, device=args.device)
@@ -204,7 +163,7 @@ def engine_step(args: argparse.Namespace, mode: str | None, gradient_checkpointi
     optimizer = make_optimizer(config, unet, None)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     unet, optimizer, lr_scheduler = accelerator.prepare(_compile(unet, mode), optimizer, lr_scheduler)
-    unet_config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
+    unet_config = TINY_UNET_CONFIG if args.tiny else SD15_UNET
     side, context, count = unet_config["sample_size"], unet_config["cross_attention_dim"], 15
     dataset = Dataset(
         latent_mean=torch.randn(count, 4, side, side, device=args.device),
@@ -285,16 +244,18 @@ def build_sd15_shaped_pipeline(folder: Path, tiny: bool) -> Path:
 
     tokenizer = _build_tokenizer(folder / "tokenizer")
     torch.manual_seed(0)
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                 bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.eos_token_id,
-                                 **(TINY_TEXT_CONFIG if tiny else SD15_TEXT_CONFIG))
+    text_config = CLIPTextConfig(**{
+        **(TINY_TEXT_CONFIG if tiny else CLIP_VIT_L), "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.eos_token_id,
+    })
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):  # random init on the GPU: seconds instead of a minute
         pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**(TINY_VAE_CONFIG if tiny else SD15_VAE_CONFIG)),
+            vae=AutoencoderKL(**(TINY_VAE_CONFIG if tiny else SD_VAE)),
             text_encoder=CLIPTextModel(text_config),
             tokenizer=tokenizer,
-            unet=UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET_CONFIG)),
+            unet=UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET)),
             scheduler=DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -1,6 +1,6 @@
 """Key layouts against the REAL SD 1.5, SD 2.1 and SDXL architectures, built on the meta device.
 
-The models come from their published configs (written out below: no weights, no download), so
+The models come from their published configs (tasks/published_configs.py: no weights, no download), so
 every key here is a key the real checkpoints have. Two things are proven:
 
 - single-file: our LDM state dict, converted back by diffusers' own single-file converters
@@ -24,6 +24,7 @@ import torch
 from tasks.kohya import COMPONENT_PREFIXES as KOHYA_PREFIXES
 from tasks.kohya import SDXL_COMPONENT_PREFIXES as KOHYA_SDXL_PREFIXES
 from tasks.kohya import to_kohya
+from tasks.published_configs import CLIP_VIT_L, OPEN_CLIP_BIGG, OPEN_CLIP_H, SD15_UNET, SD21_UNET, SD_VAE, SDXL_UNET
 from tasks.single_file import (
     COMPONENT_PREFIXES,
     component_table,
@@ -32,86 +33,6 @@ from tasks.single_file import (
     num_text_layers,
     with_text_model_scope,
 )
-
-# --- published configs -----------------------------------------------------------------------
-
-SD15_UNET: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD21_UNET: dict[str, Any] = {
-    **SD15_UNET,
-    "sample_size": 96,
-    "cross_attention_dim": 1024,
-    "attention_head_dim": [5, 10, 20, 20],
-    "use_linear_projection": True,
-}
-SDXL_UNET: dict[str, Any] = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "cross_attention_dim": 2048,
-    "attention_head_dim": [5, 10, 20],
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-    "norm_num_groups": 32,
-}
-SD_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-}
-CLIP_VIT_L: dict[str, Any] = {  # openai/clip-vit-large-patch14 text tower (SD 1.x, SDXL encoder 1)
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-OPEN_CLIP_H: dict[str, Any] = {  # SD 2.x text encoder: OpenCLIP ViT-H less its last block
-    "vocab_size": 49408,
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 23,
-    "num_attention_heads": 16,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-    "projection_dim": 512,
-}
-OPEN_CLIP_BIGG: dict[str, Any] = {  # SDXL encoder 2: OpenCLIP ViT-bigG/14, with projection
-    "vocab_size": 49408,
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-    "projection_dim": 1280,
-}
 
 UNET_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 TEXT_PROJECTIONS = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
