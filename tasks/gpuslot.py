@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -53,8 +54,8 @@ def gpu_slot(limit: str, lease_s: float) -> Iterator[float]:
 def _acquire(limit: str, lease_s: float) -> UUID | None:
     holder = _holder()
 
-    def request(client: object) -> httpx.Response:
-        return client.increment_concurrency_slots_with_lease(  # type: ignore[attr-defined]
+    def request(client: Any) -> httpx.Response:
+        return client.increment_concurrency_slots_with_lease(
             names=[limit], slots=1, mode="concurrency", lease_duration=lease_s, holder=holder,
         )
 
@@ -69,7 +70,7 @@ def _acquire(limit: str, lease_s: float) -> UUID | None:
         return UUID(body["lease_id"]) if body.get("limits") else None
 
 
-def _call(send: object) -> httpx.Response:
+def _call(send: Callable[[Any], httpx.Response]) -> httpx.Response:
     """``send(client)`` on a Prefect client without its own retries, retried here from 50 ms up on
     502/503/504 and lost connections, for at most UNREACHABLE_LIMIT_S; other errors raise."""
     from prefect.client.orchestration import get_client
@@ -79,7 +80,7 @@ def _call(send: object) -> httpx.Response:
     while True:
         try:
             with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
-                return send(client)  # type: ignore[operator]
+                return send(client)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code not in TRANSIENT or time.monotonic() > deadline:
                 raise
