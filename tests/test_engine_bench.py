@@ -38,8 +38,8 @@ def test_cpu_smoke_mode_writes_results(tmp_path: Path) -> None:
 
 def test_sd15_config_and_peak_lookup() -> None:
     bench = load_bench()
-    assert bench.SD15_UNET_CONFIG["block_out_channels"] == (320, 640, 1280, 1280)
-    assert bench.SD15_UNET_CONFIG["cross_attention_dim"] == 768
+    assert bench.SD15_UNET["block_out_channels"] == [320, 640, 1280, 1280]
+    assert bench.SD15_UNET["cross_attention_dim"] == 768
     assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and bench.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
 
 
