@@ -19,7 +19,6 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient
-from prefect.context import SettingsContext, get_settings_context
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterIdempotencyKey,
@@ -29,10 +28,10 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
+from flows.prefect_once import send_once
 from flows.records import APP_TAG, owner_tag, training_tag
 
 log = logging.getLogger("dreamflow.gateway")
@@ -48,12 +47,14 @@ CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
 # A request to the facade must not hang while Prefect is down or restarting. The client's own
-# retries (five, backing off 2-32 s, once it has connected) are switched off: an unreachable server
-# is a 503 at once (the caller retries, safely with an Idempotency-Key). A busy server (502/503/504)
-# is asked again after a short pause, and every call is bounded in time.
-CLIENT_RETRIES = 0
+# retries (five, backing off 2-32 s, once it has connected) are switched off (flows/prefect_once.py):
+# an unreachable server is a 503 at once (the caller retries, safely with an Idempotency-Key). A
+# busy server (502/503/504; Prefect on SQLite answers 503 when a write lost the race for the
+# database lock, which under load happens several times in a row) is asked again, after 50 ms and
+# then at most every BUSY_RETRY_MAX_S, until the call's time bound.
 CALL_TIMEOUT_S = 10.0
-BUSY_RETRY_DELAYS_S = (0.0, 0.0)  # the client itself waits ~2 s after a 502/503/504 answer
+BUSY_RETRY_FIRST_S = 0.05
+BUSY_RETRY_MAX_S = 0.5
 T = TypeVar("T")
 
 
@@ -95,46 +96,39 @@ class PrefectGateway:
 
     def __init__(self, api_url: str, cache_s: float = STATUS_CACHE_S) -> None:
         self._client = PrefectClient(api_url)
+        send_once(self._client._client)
         self._deployment_ids: dict[str, UUID] = {}
         self._cache_s = cache_s
         self._recent: dict[tuple[str, str], tuple[float, TrainingRun]] = {}
         self._pending: dict[tuple[str, str], asyncio.Future[TrainingRun | None]] = {}
         self._refreshing: set[tuple[str, str]] = set()  # cached answers whose background refresh has begun
         self._forgotten = 0  # bumped by forget_cached: a query begun before it must not fill the cache
-        self._settings: SettingsContext | None = None
-
-    def _call_settings(self) -> SettingsContext:
-        """Prefect settings for the facade's calls: the current ones without client retries."""
-        if self._settings is None:
-            current = get_settings_context()
-            self._settings = SettingsContext(
-                profile=current.profile,
-                settings=current.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: CLIENT_RETRIES}),
-            )
-        return self._settings
 
     async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
         """One bounded call to Prefect; unreachable, failing or too slow is GatewayUnavailable.
 
         A server that cannot be reached is reported at once; a busy one (502/503/504, a dropped
-        keep-alive connection) is asked twice more, within the same time bound.
+        keep-alive connection) is asked again, at growing intervals, as long as the time bound
+        allows; past it, the last busy answer is the 503.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CALL_TIMEOUT_S
+        delay = BUSY_RETRY_FIRST_S
         try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
-                for delay in (*BUSY_RETRY_DELAYS_S, None):
+            async with asyncio.timeout_at(deadline):
+                while True:
                     try:
                         async with prefect_errors():
-                            with self._call_settings().model_copy():
-                                return await request()
+                            return await request()
                     except GatewayUnavailable as exc:
-                        if delay is None or not _busy(exc.__cause__):
+                        if not _busy(exc.__cause__) or loop.time() + delay >= deadline:
                             raise
                     await asyncio.sleep(delay)
+                    delay = min(delay * 2, BUSY_RETRY_MAX_S)
         except TimeoutError:
             raise GatewayUnavailable(
                 f"the orchestrator (Prefect) is unreachable: no answer within {CALL_TIMEOUT_S:.0f} s"
             ) from None
-        raise AssertionError("unreachable")
 
     async def __aenter__(self) -> PrefectGateway:
         await self._client.__aenter__()

@@ -4,10 +4,9 @@ Prefect's own ``concurrency()`` does the same, but through a client that waits 2
 after a 503. The embedded Prefect server (SQLite) answers 503 to a slot request when another write
 landed between the request's read and its write (SQLITE_BUSY_SNAPSHOT). Right after a flow's first
 tasks end, while the server records their states and logs, that happened to about half the warm
-jobs on the 2-core machine; the 503 itself came 2.1-2.5 s after the request, which waited for the
-other writer's lock (bench/results/pipeline.json, log_timeline). A 503 means the server rolled the
-request back, so asking again at once is safe: here the retries start at 50 ms, and the retry was
-granted within 0.1 s. The wait for the 503 itself is the server's and remains.
+jobs on the 2-core machine, and each cost the job 2 s: the client pauses after a 503 even with its
+retries switched off (flows/prefect_once.py). A 503 means the server rolled the request back, so
+asking again at once is safe: here the client sends once, and the retries start at 50 ms.
 """
 
 from __future__ import annotations
@@ -37,24 +36,27 @@ def gpu_slot(limit: str, lease_s: float) -> Iterator[float]:
     within ``lease_s``. Without such a limit in Prefect, nothing is held."""
     from prefect.concurrency._leases import maintain_concurrency_lease
 
-    started = time.monotonic()
-    lease_id = _acquire(limit, lease_s)
-    waited = time.monotonic() - started
-    if lease_id is None:
-        log.warning("no concurrency limit %r in Prefect: training without a GPU slot", limit)
-        yield waited
-        return
-    try:
-        with maintain_concurrency_lease(lease_id, lease_s, raise_on_lease_renewal_failure=False):
+    from flows.prefect_once import sync_client_once
+
+    with sync_client_once() as client:
+        started = time.monotonic()
+        lease_id = _acquire(client, limit, lease_s)
+        waited = time.monotonic() - started
+        if lease_id is None:
+            log.warning("no concurrency limit %r in Prefect: training without a GPU slot", limit)
             yield waited
-    finally:
-        _call(lambda client: client.release_concurrency_slots_with_lease(lease_id=lease_id))
+            return
+        try:
+            with maintain_concurrency_lease(lease_id, lease_s, raise_on_lease_renewal_failure=False):
+                yield waited
+        finally:
+            _call(lambda: client.release_concurrency_slots_with_lease(lease_id=lease_id))
 
 
-def _acquire(limit: str, lease_s: float) -> UUID | None:
+def _acquire(client: Any, limit: str, lease_s: float) -> UUID | None:
     holder = _holder()
 
-    def request(client: Any) -> httpx.Response:
+    def request() -> httpx.Response:
         return client.increment_concurrency_slots_with_lease(
             names=[limit], slots=1, mode="concurrency", lease_duration=lease_s, holder=holder,
         )
@@ -70,17 +72,13 @@ def _acquire(limit: str, lease_s: float) -> UUID | None:
         return UUID(body["lease_id"]) if body.get("limits") else None
 
 
-def _call(send: Callable[[Any], httpx.Response]) -> httpx.Response:
-    """``send(client)`` on a Prefect client without its own retries, retried here from 50 ms up on
-    502/503/504 and lost connections, for at most UNREACHABLE_LIMIT_S; other errors raise."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
-
+def _call(send: Callable[[], httpx.Response]) -> httpx.Response:
+    """``send()`` (on a client that sends once), retried here from 50 ms up on 502/503/504 and lost
+    connections, for at most UNREACHABLE_LIMIT_S; other errors raise."""
     delay, deadline = RETRY_FIRST_S, time.monotonic() + UNREACHABLE_LIMIT_S
     while True:
         try:
-            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
-                return send(client)
+            return send()
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code not in TRANSIENT or time.monotonic() > deadline:
                 raise

@@ -162,9 +162,13 @@ def test_idempotency_key_returns_the_first_answer_and_starts_one_run(stack: Runn
     body = example("lora_fine_tune", photos[:1], base_model_id="tiny", max_train_steps="5")
     before = stack.flow_run_count()
     with stack.client() as client:
-        first = client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-42"}).json()
-        second = client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-42"}).json()
-        by_field = client.post("/api/v3/lora_fine_tune", json={**body, "idempotency_key": "order-42"}).json()
+        responses = [
+            client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-42"}),
+            client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-42"}),
+            client.post("/api/v3/lora_fine_tune", json={**body, "idempotency_key": "order-42"}),
+        ]
+        assert [r.status_code for r in responses] == [201] * 3, [r.text for r in responses]
+        first, second, by_field = (r.json() for r in responses)
         client.post(f"/api/v3/cancel_training/{first['training_id']}", json={"key": KEYS[0]})
     assert first["training_id"] == second["training_id"] == by_field["training_id"]
     assert stack.flow_run_count() == before + 2  # the training and its cleanup after the cancel

@@ -4,8 +4,6 @@ lock, is asked again at once and granted; the slot is held while the block runs 
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +12,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from sqlitelock import write_while_holding_the_lock
 from stackserver import RunningStack
 
 from tasks import gpuslot
@@ -37,24 +36,6 @@ def active_slots(stack: RunningStack, name: str) -> int:
     return int(response.json()["active_slots"])
 
 
-def write_while_holding_the_lock(stack: RunningStack, name: str, hold_s: float) -> threading.Thread:
-    """Take SQLite's write lock on Prefect's database now, write to the limit's row, and commit
-    after ``hold_s``: a slot request that read before the commit cannot write after it."""
-    database = stack.settings.resolved_data_dir / "prefect" / "prefect.db"
-    connection = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
-    connection.execute("BEGIN IMMEDIATE")
-    connection.execute("UPDATE concurrency_limit_v2 SET updated = updated WHERE name = ?", (name,))
-
-    def commit_later() -> None:
-        time.sleep(hold_s)
-        connection.execute("COMMIT")
-        connection.close()
-
-    thread = threading.Thread(target=commit_later)
-    thread.start()
-    return thread
-
-
 def test_a_503_from_a_busy_sqlite_is_retried_at_once_and_the_slot_is_held_then_freed(
     stack: RunningStack, limit: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,7 +46,8 @@ def test_a_503_from_a_busy_sqlite_is_retried_at_once_and_the_slot_is_held_then_f
     with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api}):
         for hold_s in HOLD_S:  # the server must read before the commit; a busy machine may be slow to
             retries.clear()
-            committer = write_while_holding_the_lock(stack, limit, hold_s)
+            committer = write_while_holding_the_lock(
+                stack, "UPDATE concurrency_limit_v2 SET updated = updated WHERE name = ?", (limit,), hold_s)
             with gpuslot.gpu_slot(limit, 60) as waited:
                 held = active_slots(stack, limit)
             committer.join()

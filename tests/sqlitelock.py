@@ -1,0 +1,64 @@
+"""Contention on the stack's real Prefect database: a second SQLite writer, as Prefect's own
+services and other flow runs are under load.
+
+Prefect on SQLite opens a write as a deferred transaction: it reads, then asks for the write lock.
+When another connection holds the lock and commits a change meanwhile, the waiting request's view
+is stale and SQLite refuses it (SQLITE_BUSY_SNAPSHOT); Prefect answers 503. Holding the lock and
+committing a write is how these tests make the server answer 503 for real.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+from stackserver import RunningStack
+
+
+def prefect_database(stack: RunningStack) -> sqlite3.Connection:
+    database = stack.settings.resolved_data_dir / "prefect" / "prefect.db"
+    return sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
+
+
+def hold_and_write(connection: sqlite3.Connection, statement: str, args: tuple[object, ...]) -> None:
+    connection.execute("BEGIN IMMEDIATE")
+    connection.execute(statement, args)
+
+
+def write_while_holding_the_lock(stack: RunningStack, statement: str, args: tuple[object, ...],
+                                 hold_s: float) -> threading.Thread:
+    """Take the write lock now, run ``statement``, and commit after ``hold_s`` (in a thread)."""
+    connection = prefect_database(stack)
+    hold_and_write(connection, statement, args)
+
+    def commit_later() -> None:
+        time.sleep(hold_s)
+        connection.execute("COMMIT")
+        connection.close()
+
+    thread = threading.Thread(target=commit_later)
+    thread.start()
+    return thread
+
+
+def keep_writing(stack: RunningStack, statement: str, args: tuple[object, ...], hold_s: float,
+                 until: threading.Event) -> threading.Thread:
+    """Hold the lock ``hold_s``, commit a write, take the lock again at once; until ``until`` is set.
+
+    The lock is held now, when this returns (so a request made next must wait for it)."""
+    connection = prefect_database(stack)
+    hold_and_write(connection, statement, args)
+
+    def cycle() -> None:
+        while True:
+            time.sleep(hold_s)
+            connection.execute("COMMIT")
+            if until.is_set():
+                break
+            hold_and_write(connection, statement, args)
+        connection.close()
+
+    thread = threading.Thread(target=cycle)
+    thread.start()
+    return thread
