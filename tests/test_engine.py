@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tasks.kohya import KohyaConversionError, save_kohya_lora, to_kohya
 from tasks.engine_config import TrainConfig, TrainingCancelled, TrainingDiverged, TrainResult
 from tasks.train_engine import train
-from tasks.sampling import generate_samples, load_pipeline, lora_output_difference, make_grid
+from tasks.sampling import generate_samples, load_pipeline, lora_output_difference, make_grid, merge_adapters, render
 from engine_fixtures import ATTENTION_PROJECTIONS, PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401 - fixtures
 from tasks.tiny_models import build_tiny_sd
 
@@ -256,6 +256,30 @@ def test_generate_samples_and_grid(tiny: Path, trained: tuple[TrainResult, list]
     with Image.open(grid) as opened:
         assert opened.size == (128, 64)
         assert np.array_equal(np.asarray(opened.convert("RGB"))[:64, 64:], np.asarray(images[1].convert("RGB")))
+
+
+def test_samples_render_with_the_adapter_merged_and_look_as_unmerged(
+    tiny: Path, trained: tuple[TrainResult, list], tmp_path: Path
+) -> None:
+    """Samples fold the adapter into the weights (faster); they show what the delivered file does."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lora_file = trained[0].lora_file
+    merged = generate_samples(str(tiny), lora_file, PROMPT, "blurry", count=2, seed=7, resolution=64,
+                              dest_dir=tmp_path, steps=3)
+    pipe = load_pipeline(str(tiny), lora_file)
+    unmerged = render(pipe, PROMPT, "blurry", 2, 7, 64, 3)
+    base = render(load_pipeline(str(tiny)), PROMPT, "blurry", 2, 7, 64, 3)
+    merge_adapters(pipe)
+    layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    def pixels(image: object) -> np.ndarray:
+        return np.asarray(Image.open(image) if isinstance(image, Path) else image, dtype=np.int16)
+
+    assert layers and all(layer.merged for layer in layers)
+    for path, image, plain in zip(merged, unmerged, base, strict=True):
+        assert np.abs(pixels(path) - pixels(image)).max() <= 1  # rounding only
+        assert np.abs(pixels(path) - pixels(plain)).mean() > 1  # and the adapter shows
 
 
 def test_one_process_runs_trainings_of_different_precision(
