@@ -62,17 +62,30 @@ def preload() -> float:
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    import anyio._backends._asyncio
     import flows.cleanup
+    import flows.prefect_once
     import flows.retrain
     import flows.training
+    import prefect.deployments.steps.core
+    import prefect.deployments.steps.pull
     import prefect.engine
     import prefect.flow_engine
+    import prefect.runner
+    import prefect.task_engine
+    import prefect.utilities.visualization
     import tasks.convert
     import tasks.faces
+    import tasks.kohya
+    import tasks.prior
+    import tasks.report_plots
     import tasks.sampling
     import tasks.train_engine
     from flows.settings import get_settings
+    from PIL import Image
     from tasks.resident import preload_models
+
+    Image.preinit()  # the image format plugins every job opens and saves with
 
     # GNU OpenMP's worker threads do not survive a fork: a fork of a process whose torch ran ops on
     # several threads crawls (about 10x slower here) or hangs in its first parallel op. So the
