@@ -46,6 +46,7 @@ REFRESH_AHEAD = 0.5
 CACHE_ENTRIES = 10_000
 ACTIVE = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PAUSED}
+ENDED = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED}
 # A request to the facade must not hang while Prefect is down or restarting. The client's own
 # retries (five, backing off 2-32 s, once it has connected) are switched off (flows/prefect_once.py):
 # an unreachable server is a 503 at once (the caller retries, safely with an Idempotency-Key). A
@@ -240,13 +241,17 @@ class PrefectGateway:
         """Cancel a queued run at once; ask the worker to stop a started one (Cancelling).
 
         The state is read afresh (not from the cache), so a run a worker has just started is never
-        marked Cancelled behind its process's back. Returns whether the run had started.
+        marked Cancelled behind its process's back, and a run that has just ended keeps its final
+        state (forced to Cancelling, it would stay so: no process is left to finish the cancel).
+        Returns whether the run had started.
         """
         self.forget_cached(run.training_id, owner)
         current = await self._call(lambda: self._client.read_flow_run(run.flow_run_id))
         state_type = current.state.type if current.state else None
         if state_type in (StateType.CANCELLED, StateType.CANCELLING):
             return state_type == StateType.CANCELLING
+        if state_type in ENDED:
+            return True
         started = state_type not in NOT_STARTED
         state = Cancelling(message="cancelled by the owner") if started else Cancelled(message="cancelled by the owner")
         await self._call(lambda: self._client.set_flow_run_state(run.flow_run_id, state, force=True))

@@ -20,13 +20,15 @@ queue wait (created -> Pending: worker poll), process start (Pending -> Running)
 time (steps / measured steps/s); whole job = flow run created -> flow run end; overhead = whole
 job - training loop; the same to the model being ready (the manifest task's end), which leaves
 out Prefect's own end of the run; what the client saw (POST -> model_ready in a 0.2 s status
-poll); and the flow run's log lines with their times (where each stage's seconds went).
+poll); the flow run's log lines with their times (where each stage's seconds went); and the
+samples' denoising seconds (from make-samples' log line) with the overhead less them.
 ``--warm-only`` skips the cold-process stack and ``--repeat N`` sends N jobs after the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -146,6 +148,15 @@ def log_timeline(settings: Settings, run: dict, created: float) -> list[tuple[fl
     return [(round(ts(line["timestamp"]) - created, 3), line["message"][:160]) for line in logs]
 
 
+def sample_render_s(timeline: list[tuple[float, str]]) -> float | None:
+    """The denoising seconds of the samples, from make-samples' log line ("rendered in X s")."""
+    for _, message in timeline:
+        found = re.search(r"rendered in ([0-9.]+) s", message)
+        if found:
+            return float(found.group(1))
+    return None
+
+
 def first_state(states: list[dict], kind: str) -> float | None:
     return next((ts(s["timestamp"]) for s in states if s["type"] == kind), None)
 
@@ -165,6 +176,9 @@ def job_timeline(settings: Settings, training_id: str, followed: dict[str, Any])
     whole = end - created
     manifest = next((t for t in tasks if t["name"].startswith("publish-manifest")), None)
     ready = ts(manifest["end_time"]) - created if manifest and manifest.get("end_time") else None
+    timeline = log_timeline(settings, run, created)
+    render_s = sample_render_s(timeline)
+    overhead = whole - loop_s if loop_s else None
     return {
         "training_id": training_id, "flow_run_state": run["state_type"], **followed,
         "stages": [{"task": t["name"], "wall_s": ts(t["end_time"]) - ts(t["start_time"]),
@@ -181,13 +195,17 @@ def job_timeline(settings: Settings, training_id: str, followed: dict[str, Any])
         "training_loop_s": loop_s, "training_steps": stage.total_steps if stage else None,
         "training_steps_per_s": stage.steps_per_s if stage else None,
         "whole_job_created_to_end_s": whole,
-        "overhead_s": whole - loop_s if loop_s else None,
+        "overhead_s": overhead,
+        # The samples' denoising is model compute like the loop (2 images x 20 steps with CFG of
+        # the tiny UNet on this CPU; a GPU renders them in a fraction): the overhead without it.
+        "sample_render_s": render_s,
+        "overhead_without_sample_render_s": overhead - render_s if overhead is not None and render_s else None,
         # The manifest makes the model ready for the client; after it, only Prefect's bookkeeping
         # (the flow's heartbeat-thread join, its final state), which delays no user and no other job.
         "created_to_model_ready_s": ready,
         "overhead_to_model_ready_s": ready - loop_s if ready is not None and loop_s else None,
         "stage_log": stage.log if stage else [],
-        "log_timeline": log_timeline(settings, run, created),
+        "log_timeline": timeline,
     }
 
 
@@ -254,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     warm_again = [job for name, job in jobs.items() if name.startswith("warm_runner_again")]
     warm_overheads = [job["overhead_s"] for job in warm_again if job["overhead_s"] is not None]
     ready_overheads = [job["overhead_to_model_ready_s"] for job in warm_again if job["overhead_to_model_ready_s"]]
+    unrendered = [job["overhead_without_sample_render_s"] for job in warm_again
+                  if job["overhead_without_sample_render_s"] is not None]
     body = {
         "setup": {"photos": len(images), "photo_side": PHOTO_SIDE, "format": "JPEG data URIs",
                   "endpoint": "/api/sandbox/v3/fine_tune", "base_model": "tiny", "method": "lora",
@@ -270,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "warm_overhead_median_s": statistics.median(warm_overheads) if warm_overheads else None,
         "warm_overhead_to_model_ready_median_s": statistics.median(ready_overheads) if ready_overheads else None,
         "warm_overhead_meets_target": bool(warm_overheads) and statistics.median(warm_overheads) <= TARGET_OVERHEAD_S,
+        "warm_overhead_without_sample_render_median_s": statistics.median(unrendered) if unrendered else None,
     }
     path = write_result("pipeline", body, load_before)
     sys.stdout.write(path.read_text())

@@ -1,6 +1,7 @@
-"""The facade's calls to a busy Prefect: the stack's real server on SQLite answers a create 503 again
-and again while another writer keeps committing; the facade's gateway asks again until its time
-bound and queues exactly one run."""
+"""The facade's gateway against the stack's real Prefect server: a create that the server (SQLite)
+answers 503 again and again while another writer keeps committing is asked again until the call's
+time bound and queues exactly one run; a cancel or delete that saw a run still running (the status
+cache may be up to 1 s old) leaves a run that has ended meanwhile in its final state."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import uuid
 from pathlib import Path
 
 import httpx
+
+from prefect import flow
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import StateType
+from prefect.states import Completed, Running
 
 from api.gateway import CALL_TIMEOUT_S, PrefectGateway, TrainingRun
 from api.routes import DEPLOYMENTS
@@ -63,3 +69,29 @@ def test_a_create_answered_503_many_times_in_a_row_still_queues_one_run(stack: R
     assert statuses.count(503) >= 3 and statuses[-1] == 201, statuses
     assert took < CALL_TIMEOUT_S
     assert run.training_id == params.training_id and found is not None and found.flow_run_id == run.flow_run_id
+
+
+@flow(name="gateway-test-run")
+def a_run_without_deployment() -> None:
+    """Never runs: the tests below only create flow runs of it and set their states."""
+
+
+def test_a_cancel_that_saw_a_run_still_running_leaves_an_ended_run_as_it_ended(stack: RunningStack) -> None:
+    owner = hash_key(KEYS[0])
+
+    async def cancel_as_seen_running(final: bool) -> tuple[bool, StateType | None]:
+        # Prefect's own client (with its retries) sets the scene; the gateway's sends each request once.
+        async with PrefectGateway(stack.settings.prefect_api) as gateway, PrefectClient(stack.settings.prefect_api) as client:
+            created = await client.create_flow_run(a_run_without_deployment, name=f"race{uuid.uuid4().hex[:8]}",
+                                                   state=Running())
+            if final:  # the run ended after the facade last read it
+                await client.set_flow_run_state(created.id, Completed(), force=True)
+            seen = TrainingRun(created.name, created.id, StateType.RUNNING, None, created.created, {})
+            started = await gateway.cancel_training(seen, owner)
+            return started, (await client.read_flow_run(created.id)).state.type
+
+    # Deleting a model the moment it became ready: the run stays Completed (before, it was forced to
+    # Cancelling, stayed so for good, and the cleanup waited 5 min for it to end).
+    assert asyncio.run(cancel_as_seen_running(final=True)) == (True, StateType.COMPLETED)
+    # A run that is still running is asked to stop.
+    assert asyncio.run(cancel_as_seen_running(final=False)) == (True, StateType.CANCELLING)
