@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterIdempotencyKey,
@@ -31,7 +30,7 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
-from flows.prefect_once import send_once
+from flows.prefect_once import async_client, send_once
 from flows.records import APP_TAG, owner_tag, training_tag
 
 log = logging.getLogger("dreamflow.gateway")
@@ -96,7 +95,7 @@ class PrefectGateway:
     """Async gateway over one long-lived Prefect client (enter it once, in the app's lifespan)."""
 
     def __init__(self, api_url: str, cache_s: float = STATUS_CACHE_S) -> None:
-        self._client = PrefectClient(api_url)
+        self._client = async_client(api_url)
         send_once(self._client._client)
         self._deployment_ids: dict[str, UUID] = {}
         self._cache_s = cache_s

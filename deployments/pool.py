@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
@@ -17,6 +16,7 @@ from prefect.client.schemas.actions import (
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
+from flows.prefect_once import async_client
 from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
 
 RERUN_AUTOMATION = "dreamflow: rerun crashed trainings"
@@ -46,7 +46,7 @@ def job_template(command: str | None) -> dict:
 
 
 async def _prepare(api_url: str, pool: str, gpu_slots: int, command: str | None) -> None:
-    async with PrefectClient(api_url) as client:
+    async with async_client(api_url) as client:
         try:
             await client.read_work_pool(pool)
             await client.update_work_pool(pool, WorkPoolUpdate(base_job_template=job_template(command)))

@@ -1,4 +1,5 @@
-"""Prefect API clients that send each request once and hand back a busy answer at once.
+"""Prefect API clients built by dreamflow: with the configured credentials, and, for callers with
+their own retry policy, sending each request once and handing back a busy answer at once.
 
 Prefect's HTTP clients retry 408/429/502/503 answers and dropped connections themselves, backing
 off 2, 4, 8... s up to ``PREFECT_CLIENT_MAX_RETRIES`` times. With that setting at 0 they still
@@ -32,15 +33,30 @@ def send_once(http_client: Any) -> None:
         http_client._send_with_retry = once
 
 
+def credentials() -> dict[str, str | None]:
+    """The configured Prefect credentials (``PREFECT_API_AUTH_STRING`` for a self-hosted server
+    with basic auth, ``PREFECT_API_KEY`` for Prefect Cloud), as ``get_client`` passes them: a client
+    built directly gets them only when given."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+    return {"auth_string": PREFECT_API_AUTH_STRING.value(), "api_key": PREFECT_API_KEY.value()}
+
+
+def async_client(api_url: str) -> Any:
+    """A new ``PrefectClient`` of ``api_url`` with the configured credentials."""
+    from prefect.client.orchestration import PrefectClient
+
+    return PrefectClient(api_url, **credentials())
+
+
 def sync_client_once() -> Any:
     """A new ``SyncPrefectClient`` of the configured API that sends each request once.
 
     Always a client of its own: ``get_client(sync_client=True)`` inside a task run returns the task
     engine's client, whose retries the engine's state updates rely on."""
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL
 
-    client = SyncPrefectClient(PREFECT_API_URL.value(), auth_string=PREFECT_API_AUTH_STRING.value(),
-                               api_key=PREFECT_API_KEY.value())
+    client = SyncPrefectClient(PREFECT_API_URL.value(), **credentials())
     send_once(client._client)
     return client
