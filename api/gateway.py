@@ -30,7 +30,7 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
-from flows.prefect_once import async_client, send_once
+from flows.prefect_once import BUSY_STATUS, async_client, send_once
 from flows.records import APP_TAG, owner_tag, training_tag
 
 log = logging.getLogger("dreamflow.gateway")
@@ -299,7 +299,7 @@ class PrefectGateway:
 def _busy(cause: BaseException | None) -> bool:
     """A failure worth asking again at once: a busy server, or a keep-alive connection it dropped."""
     if isinstance(cause, PrefectHTTPStatusError):
-        return cause.response.status_code in (502, 503, 504)
+        return cause.response.status_code in BUSY_STATUS
     return isinstance(cause, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
 
 

@@ -16,6 +16,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+BUSY_STATUS = frozenset({502, 503, 504})
+"""Answers that mean "not now" (a busy server, a proxy before it): the request was not carried out,
+so the caller's own retry policy asks again."""
+
 
 def send_once(http_client: Any) -> None:
     """Make a ``PrefectHttpxAsyncClient`` or ``PrefectHttpxSyncClient`` (``client._client`` of a

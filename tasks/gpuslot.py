@@ -20,13 +20,14 @@ from uuid import UUID
 
 import httpx
 
+from flows.prefect_once import BUSY_STATUS, sync_client_once
+
 log = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
 UNREACHABLE_LIMIT_S = 120.0  # how long the server may fail every request before the task fails
 BUSY_RETRY_S = 1.0  # when the server names no Retry-After for a limit with no free slot
-TRANSIENT = (502, 503, 504)
 
 
 @contextmanager
@@ -35,8 +36,6 @@ def gpu_slot(limit: str, lease_s: float) -> Iterator[float]:
     yields the seconds it waited. A process that dies stops renewing, so its slot frees itself
     within ``lease_s``. Without such a limit in Prefect, nothing is held."""
     from prefect.concurrency._leases import maintain_concurrency_lease
-
-    from flows.prefect_once import sync_client_once
 
     with sync_client_once() as client:
         started = time.monotonic()
@@ -80,7 +79,7 @@ def _call(send: Callable[[], httpx.Response]) -> httpx.Response:
         try:
             return send()
         except httpx.HTTPStatusError as exc:
-            if exc.response.status_code not in TRANSIENT or time.monotonic() > deadline:
+            if exc.response.status_code not in BUSY_STATUS or time.monotonic() > deadline:
                 raise
         except httpx.TransportError:
             if time.monotonic() > deadline:

@@ -26,22 +26,6 @@ def hold_and_write(connection: sqlite3.Connection, statement: str, args: tuple[o
     connection.execute(statement, args)
 
 
-def write_while_holding_the_lock(stack: RunningStack, statement: str, args: tuple[object, ...],
-                                 hold_s: float) -> threading.Thread:
-    """Take the write lock now, run ``statement``, and commit after ``hold_s`` (in a thread)."""
-    connection = prefect_database(stack)
-    hold_and_write(connection, statement, args)
-
-    def commit_later() -> None:
-        time.sleep(hold_s)
-        connection.execute("COMMIT")
-        connection.close()
-
-    thread = threading.Thread(target=commit_later)
-    thread.start()
-    return thread
-
-
 def keep_writing(stack: RunningStack, statement: str, args: tuple[object, ...], hold_s: float,
                  until: threading.Event) -> threading.Thread:
     """Hold the lock ``hold_s``, commit a write, take the lock again at once; until ``until`` is set.
@@ -62,3 +46,11 @@ def keep_writing(stack: RunningStack, statement: str, args: tuple[object, ...], 
     thread = threading.Thread(target=cycle)
     thread.start()
     return thread
+
+
+def write_while_holding_the_lock(stack: RunningStack, statement: str, args: tuple[object, ...],
+                                 hold_s: float) -> threading.Thread:
+    """Take the write lock now, run ``statement``, and commit after ``hold_s`` (in a thread): one cycle."""
+    once = threading.Event()
+    once.set()
+    return keep_writing(stack, statement, args, hold_s, once)
