@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
@@ -19,6 +20,7 @@ from prefect.workers.process import ProcessWorker
 from flows.prefect_once import async_client
 from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
 
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 RERUN_AUTOMATION = "dreamflow: rerun crashed trainings"
 
 
@@ -39,9 +41,12 @@ def rerun_crashed_trainings() -> AutomationCore:
 
 
 def job_template(command: str | None) -> dict:
-    """The process worker's job template, with ``command`` as the default flow-run command."""
+    """The process worker's job template: ``command`` the default flow-run command, run in this checkout
+    (the deployments have no pull step to change into it)."""
     template = ProcessWorker.get_default_base_job_template()
-    template["variables"]["properties"]["command"]["default"] = command
+    properties = template["variables"]["properties"]
+    properties["command"]["default"] = command
+    properties["working_dir"]["default"] = str(PROJECT_DIR)
     return template
 
 

@@ -32,9 +32,9 @@ def deployments() -> dict[str, dict[str, Any]]:
 
 
 def entrypoint_flow(entrypoint: str) -> Flow:
-    path, _, name = entrypoint.partition(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    return getattr(module, name)
+    """The flow a module-path entrypoint (``package.module.function``) names."""
+    module, _, name = entrypoint.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def test_prefect_yaml_lists_every_deployment_with_an_existing_flow() -> None:
@@ -42,11 +42,19 @@ def test_prefect_yaml_lists_every_deployment_with_an_existing_flow() -> None:
     assert SPEC_DEPLOYMENTS <= set(listed)
     pools = {d["work_pool"]["name"] for d in listed.values()}
     assert pools == {"{{ $DREAMFLOW_WORK_POOL }}"}
+    config = yaml.safe_load((PROJECT / "prefect.yaml").read_text())
+    assert config["pull"] == [], "a pull step costs every run a websocket event; the pool names the folder"
     for name, deployment in listed.items():
-        assert (PROJECT / deployment["entrypoint"].partition(":")[0]).is_file(), name
+        assert ":" not in deployment["entrypoint"], f"{name}: a file path entrypoint runs the flow's module again"
         assert isinstance(entrypoint_flow(deployment["entrypoint"]), Flow), name
         assert deployment.get("description"), name
     assert [s["cron"] for s in listed["retrain"]["schedules"]] == ["0 3 * * *"]
+
+
+def test_the_embedded_process_pool_starts_runs_in_the_checkout() -> None:
+    from deployments.pool import job_template
+
+    assert job_template(None)["variables"]["properties"]["working_dir"]["default"] == str(PROJECT)
 
 
 def test_retrain_schedule_parameters_are_valid() -> None:
