@@ -1,12 +1,13 @@
-"""Work pool and GPU concurrency limit of a dreamflow installation (created or updated in place)."""
+"""Work pool, GPU concurrency limit and crash-rerun automation of a dreamflow installation (created or
+updated in place)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from uuid import UUID
 
-from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState
+from prefect.events.actions import RunDeployment
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
@@ -22,21 +23,24 @@ from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 RERUN_AUTOMATION = "dreamflow: rerun crashed trainings"
+RECOVERY_DEPLOYMENT = "dreamflow-crash-recovery/recover-crashed"
 
 
-def rerun_crashed_trainings() -> AutomationCore:
-    """A crashed training (its worker or process died) goes back to the queue and resumes from its
-    last checkpoint; the flow itself gives up after a few runs (see flows/training.py)."""
+def rerun_crashed_trainings(recovery_deployment: UUID) -> AutomationCore:
+    """A crashed training (its worker or process died) starts the crash-recovery flow
+    (flows/recover.py), which queues it again to resume from its last checkpoint, or fails it
+    after its third crash."""
     return AutomationCore(
         name=RERUN_AUTOMATION,
-        description="Reschedules dreamflow training runs that crashed, so they resume from their last checkpoint.",
+        description="Starts dreamflow's crash recovery for a crashed training run: rerun from its "
+                    "last checkpoint, at most twice.",
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
             match_related={"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.dreamflow"},
             posture=Posture.Reactive, threshold=1,
         ),
-        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
-                                    message="rerun after a crash; training resumes from its last checkpoint")],
+        actions=[RunDeployment(source="selected", deployment_id=recovery_deployment,
+                               parameters={"crashed": "{{ event.resource.id }}"})],
     )
 
 
@@ -65,14 +69,40 @@ async def _prepare(api_url: str, pool: str, gpu_slots: int, command: str | None)
             await client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=gpu_slots))
         except ObjectNotFound:
             await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=gpu_slots))
-        if not await client.read_automations_by_name(RERUN_AUTOMATION):
-            await client.create_automation(rerun_crashed_trainings())
+
 
 
 def prepare_orchestration(api_url: str, pool: str, gpu_slots: int, command: str | None = None) -> None:
-    """Make sure the process work pool, the GPU limit (``gpu_slots`` slots) and the crash-rerun automation exist.
+    """Make sure the process work pool and the GPU limit (``gpu_slots`` slots) exist (before the deployments).
 
     ``command`` is the pool's flow-run command (the warm runner's launcher); None is Prefect's
     own ``python -m prefect.engine``.
     """
     asyncio.run(_prepare(api_url, pool, gpu_slots, command))
+
+
+async def _prepare_crash_recovery(api_url: str) -> None:
+    async with async_client(api_url) as client:
+        recovery = await client.read_deployment_by_name(RECOVERY_DEPLOYMENT)
+        automation = rerun_crashed_trainings(recovery.id)
+        existing = await client.read_automations_by_name(RERUN_AUTOMATION)
+        if not existing:
+            await client.create_automation(automation)
+        for found in existing:  # the same name, say from an older dreamflow: made what it should be
+            await client.update_automation(found.id, automation)
+
+
+def prepare_crash_recovery(api_url: str) -> None:
+    """Make sure the crash-rerun automation exists and starts the recovery deployment (after
+    ``prefect deploy --all``, which creates that deployment)."""
+    asyncio.run(_prepare_crash_recovery(api_url))
+
+
+if __name__ == "__main__":  # python -m deployments.pool crash-recovery   (after prefect deploy --all)
+    import sys
+
+    from flows.settings import get_settings
+
+    if sys.argv[1:] != ["crash-recovery"]:
+        sys.exit("usage: python -m deployments.pool crash-recovery")
+    prepare_crash_recovery(get_settings().prefect_api)

@@ -210,11 +210,12 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
 
 
 def _prepare_pool_and_deployments(stack: Stack, prefect: str) -> None:
-    from deployments.pool import prepare_orchestration
+    from deployments.pool import prepare_crash_recovery, prepare_orchestration
 
     prepare_orchestration(stack.settings.prefect_api, stack.settings.work_pool, stack.settings.gpu_slots,
                           launch_command(stack.settings))
     stack.run([prefect, "--no-prompt", "deploy", "--all"], timeout_s=180)
+    prepare_crash_recovery(stack.settings.prefect_api)
 
 
 def run_stack(settings: Settings, workers: int = 1) -> None:

@@ -65,6 +65,7 @@ def preload() -> float:
     import anyio._backends._asyncio
     import flows.cleanup
     import flows.prefect_once
+    import flows.recover
     import flows.retrain
     import flows.training
     import prefect.deployments.steps.core

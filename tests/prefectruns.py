@@ -35,6 +35,28 @@ def start_deployment(api_url: str, name: str, parameters: dict[str, Any]) -> UUI
     return asyncio.run(create())
 
 
+def start_deployment_run(api_url: str, name: str, parameters: dict[str, Any], tags: list[str],
+                         job_variables: dict[str, Any]) -> UUID:
+    """Create a flow run of a deployment with extra tags and job variables (say, another command)."""
+    async def create() -> UUID:
+        async with PrefectClient(api_url) as client:
+            deployment = await client.read_deployment_by_name(name)
+            run = await client.create_flow_run_from_deployment(
+                deployment.id, parameters=parameters, tags=list(dict.fromkeys([*deployment.tags, *tags])), job_variables=job_variables)
+            return run.id
+
+    return asyncio.run(create())
+
+
+def state_history(api_url: str, run_id: UUID) -> list[str]:
+    """The flow run's state names, oldest first."""
+    async def read() -> list[str]:
+        async with PrefectClient(api_url) as client:
+            return [state.name or state.type.value for state in await client.read_flow_run_states(run_id)]
+
+    return asyncio.run(read())
+
+
 def read_flow_run(api_url: str, run_id: UUID) -> FlowRun:
     async def read() -> FlowRun:
         async with PrefectClient(api_url) as client:

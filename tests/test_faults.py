@@ -1,16 +1,21 @@
-"""Faults injected for real on the running stack: a training process killed mid-training, a webhook
-receiver that is down."""
+"""Faults injected for real on the running stack: a training process killed mid-training, one that
+dies before its flow begins, a webhook receiver that is down."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from flows.params import TrainingParams
+from flows.settings import hash_key
+from prefectruns import read_flow_run, start_deployment_run, state_history
 from stackserver import KEYS, RunningStack, data_uri
 from tasks.sample_photos import write_sample_photos
 
@@ -52,6 +57,30 @@ def test_a_killed_training_process_is_rerun_and_resumes_from_its_checkpoint(
     assert manifest["steps"] == 4 * every
     assert stack.flow_run(training_id)["run_count"] >= 2
     assert not stack.store.list(f"trainings/{training_id}/checkpoints/")  # gone once the model is complete
+
+
+def test_a_training_whose_process_dies_before_its_flow_begins_fails_after_three_crashes(stack: RunningStack) -> None:
+    """Every run of it exits at once (think of a broken install): crash recovery queues it again
+    twice and then fails it, instead of rerunning it every second for ever."""
+    params = TrainingParams(training_id=f"crash{uuid.uuid4().hex[:10]}", owner=hash_key(KEYS[0]),
+                            instance_prompt="photo of sks thing", images=["store:uploads/none.png"])
+    run_id = start_deployment_run(
+        stack.settings.prefect_api, "dreamflow-training/sandbox", {"params": params.model_dump(mode="json")},
+        tags=[f"training:{params.training_id}", f"owner:{params.owner}"],  # as the facade tags its runs
+        job_variables={"command": f"{sys.executable} -c 'raise SystemExit(3)'"},  # dies before the flow
+    )
+    deadline = time.monotonic() + 120
+    while (run := read_flow_run(stack.settings.prefect_api, run_id)).state.type.value != "FAILED":
+        assert time.monotonic() < deadline, f"not failed after 120 s: {state_history(stack.settings.prefect_api, run_id)}"
+        time.sleep(0.5)
+    assert "crashed 3 times" in run.state.message, run.state.message
+    with stack.client() as client:
+        status = client.post(f"/api/v3/fine_tune_status/{params.training_id}", json={"key": KEYS[0]}).json()
+    assert status["training_status"] == "failed" and "crashed 3 times" in status["error"], status
+    time.sleep(3)  # no rerun after the failure
+    history = state_history(stack.settings.prefect_api, run_id)
+    assert history.count("Crashed") == 3 and history[-1] == "Failed", history
+    assert history.count("AwaitingRetry") == 2, history
 
 
 def test_a_webhook_receiver_that_is_down_does_not_affect_the_training(stack: RunningStack, photos: list[Path]) -> None:
