@@ -7,14 +7,14 @@ import asyncio
 from pathlib import Path
 from uuid import UUID
 
-from prefect.events.actions import RunDeployment
-from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
     WorkPoolCreate,
     WorkPoolUpdate,
 )
+from prefect.events.actions import RunDeployment
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 

@@ -12,11 +12,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prefectruns import read_flow_run, start_deployment_run, state_history
+from stackserver import KEYS, RunningStack, data_uri
 
 from flows.params import TrainingParams
 from flows.settings import hash_key
-from prefectruns import read_flow_run, start_deployment_run, state_history
-from stackserver import KEYS, RunningStack, data_uri
 from tasks.sample_photos import write_sample_photos
 
 
