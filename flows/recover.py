@@ -29,6 +29,16 @@ def crashed_run_id(crashed: str) -> UUID:
     return UUID(crashed.removeprefix(RUN_RESOURCE_PREFIX))
 
 
+def attempts(history: list[StateType]) -> int:
+    """How often a worker took the run: each entry into Pending (Pending, then Submitting, is one).
+
+    Every attempt of a run that needs recovery ended in a crash. Counting Crashed states instead
+    would count one attempt twice when the worker reports a crash the runner reported already.
+    """
+    return sum(kind == StateType.PENDING and (index == 0 or history[index - 1] != StateType.PENDING)
+               for index, kind in enumerate(history))
+
+
 @flow(name="dreamflow-crash-recovery")
 def recover_crashed_training(crashed: str) -> str:
     """Put a crashed training back in the queue (it resumes from its last checkpoint), or fail it
@@ -44,7 +54,7 @@ def recover_crashed_training(crashed: str) -> str:
         if run.state is None or run.state.type != StateType.CRASHED:
             logger.info("flow run %s is %s now, not crashed: nothing to do", run_id, run.state and run.state.name)
             return "left alone"
-        crashes = sum(state.type == StateType.CRASHED for state in client.read_flow_run_states(run_id))
+        crashes = attempts([state.type for state in client.read_flow_run_states(run_id)])
         if crashes < MAX_RUNS:
             client.set_flow_run_state(run_id, Scheduled(
                 name=RERUN_STATE_NAME,
