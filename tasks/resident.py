@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _components: dict[tuple[str, str, str], Any] = {}
+_trained: dict[str, Any] = {}  # training id -> its trained UNet, at most one
 
 
 def _key(pretrained: str, subfolder: str, dtype: torch.dtype | None) -> tuple[str, str, str]:
@@ -40,6 +41,19 @@ def borrow(pretrained: str, subfolder: str, dtype: torch.dtype | None = None) ->
 
 def keep(pretrained: str, subfolder: str, dtype: torch.dtype | None, component: Any) -> None:
     _components[_key(pretrained, subfolder, dtype)] = component
+
+
+def hand_over_trained(training_id: str, unet: Any) -> None:
+    """Keep the UNet a training just trained (adapter still unmerged) for that job's samples, so
+    they skip loading the base UNet again and applying the saved adapter file. One at most: a
+    newer training's replaces it, and a job that never samples leaves it for the process's end."""
+    _trained.clear()
+    _trained[training_id] = unet
+
+
+def take_trained(training_id: str) -> Any | None:
+    """The UNet ``training_id`` handed over in this process, or None (say, a rerun in another process)."""
+    return _trained.pop(training_id, None)
 
 
 def resident() -> list[tuple[str, str, str]]:

@@ -15,9 +15,11 @@ from tasks.train import TrainOutput
 def make_samples(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
     """Sample images with the instance prompt, their grid and the loss curve; returns name -> local PNG path."""
     from tasks.report_plots import loss_curve_png
+    from tasks.resident import take_trained
     from tasks.sampling import generate_samples, make_grid
 
     report_stage(params.training_id, TrainingStatus.DEPLOYING_MODEL, "sampling", "generating sample images")
+    trained_unet = take_trained(params.training_id)  # taken in any case: nothing else needs it after this
     dest = workdir(params.training_id, "samples")
     pictures = {"loss_curve": str(loss_curve_png(trained.losses, dest / "loss_curve.png"))}
     if params.sample_count == 0:
@@ -27,6 +29,7 @@ def make_samples(params: TrainingParams, trained: TrainOutput) -> dict[str, str]
         trained.weights if full_model else trained.pretrained, None if full_model else Path(trained.weights),
         params.instance_prompt, params.negative_prompt, params.sample_count, params.seed, trained.resolution,
         dest, steps=params.sample_steps, family=trained.family,
+        unet=None if full_model else trained_unet,
     )
     grid = make_grid(paths, dest / "grid.png")
     return {**pictures, "grid": str(grid), **{f"sample_{i}": str(p) for i, p in enumerate(paths)}}

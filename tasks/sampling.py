@@ -28,11 +28,12 @@ def pipeline_family(model_dir: str, family: str | None = None) -> str:
 
 
 def load_pipeline(
-    model_dir: str, lora_file: Path | None = None, family: str | None = None
+    model_dir: str, lora_file: Path | None = None, family: str | None = None, unet: Any | None = None
 ) -> StableDiffusionPipeline:
     """The pipeline (float32 on CPU, float16 on CUDA), with the adapter at `lora_file` loaded if given.
 
-    `lora_file` may be a diffusers or kohya LoRA or a dreamflow LoHa/LoKr file.
+    `lora_file` may be a diffusers or kohya LoRA or a dreamflow LoHa/LoKr file. `unet`, when
+    given, is used instead of `model_dir`'s (a trained one, its adapter already in it).
     """
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -43,6 +44,8 @@ def load_pipeline(
     dtype = torch.float16 if cuda else torch.float32
     sdxl = pipeline_family(model_dir, family) == "sdxl"
     components = resident_components(model_dir, dtype, sdxl)
+    if unet is not None:
+        components["unet"] = unet.to(dtype=dtype)
     if sdxl:
         pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype, **components)
     else:
@@ -116,16 +119,19 @@ def generate_samples(
     dest_dir: Path,
     steps: int = 20,
     family: str | None = None,
+    unet: Any | None = None,
 ) -> list[Path]:
     """Generate `count` PNG samples into `dest_dir` and return their paths.
 
     `model_dir` is a base model (with `lora_file`) or a trained dreambooth pipeline folder (no
-    `lora_file`); `family` defaults to what its model_index.json says.
+    `lora_file`); `family` defaults to what its model_index.json says. `unet` is the trained UNet
+    a training handed over in this process (its adapter the one in `lora_file`, which is then not
+    read).
     """
     from tasks.context import run_logger
 
     started = time.perf_counter()
-    pipe = load_pipeline(model_dir, lora_file, family)
+    pipe = load_pipeline(model_dir, None if unet is not None else lora_file, family, unet)
     try:
         merge_adapters(pipe)
         loaded = time.perf_counter()
@@ -140,8 +146,9 @@ def generate_samples(
         path = dest_dir / f"sample_{index:02d}.png"
         image.save(path)
         paths.append(path)
-    run_logger().info("%d samples: pipeline loaded in %.2f s, rendered in %.2f s (%d steps), saved in %.2f s",
-                      len(paths), loaded - started, rendered - loaded, steps, time.perf_counter() - rendered)
+    run_logger().info("%d samples: pipeline loaded in %.2f s%s, rendered in %.2f s (%d steps), saved in %.2f s",
+                      len(paths), loaded - started, " (the UNet the training handed over)" if unet is not None else "",
+                      rendered - loaded, steps, time.perf_counter() - rendered)
     return paths
 
 

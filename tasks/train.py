@@ -116,6 +116,7 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     import torch
 
     from tasks.checkpoints import CheckpointStore
+    from tasks.resident import hand_over_trained
     from tasks.train_engine import train
 
     entry = base_model(params.base_model_id)
@@ -136,6 +137,7 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
             on_progress=progress_reporter(params.training_id),
             checkpoints=CheckpointStore(worker_store(), f"{training_prefix(params.training_id)}checkpoints"),
             class_images=class_images(params, config, entry),
+            keep_trained=lambda unet: hand_over_trained(params.training_id, unet),  # for the samples
         )
         trained_between = (started_at, time.time())
     report_stage(

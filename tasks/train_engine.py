@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +47,14 @@ def train(
     should_stop: StopCheck | None = None,
     checkpoints: CheckpointStore | None = None,
     class_images: Sequence[Path] | None = None,
+    keep_trained: Callable[[Any], None] | None = None,
 ) -> TrainResult:
     """Train on `images` (one caption each), save the result into `output_dir`, and describe it.
 
     With `checkpoints`, a checkpoint goes to the store every `config.checkpoint_every` steps and
     a run that finds one there resumes from it. With `class_images`, prior preservation is on.
+    With `keep_trained`, an adapter training run in one process hands it its trained UNet (frozen,
+    in eval mode, adapter unmerged) once the weights are saved, instead of dropping it.
     """
     if len(images) == 0 or len(images) != len(captions):
         raise ValueError(f"need one caption per image, got {len(images)} images and {len(captions)} captions")
@@ -67,6 +70,8 @@ def train(
         phases.mark("loop")
         adapter_file, pipeline_dir = _save_result(session, config, Path(output_dir))
         phases.mark("save")
+        if keep_trained is not None:
+            _hand_over(session, config, keep_trained)
     finally:
         _free(session)
     phases.mark("free")
@@ -324,6 +329,17 @@ def _save_pipeline(config: TrainConfig, unet: Any, text_encoder: Any | None, des
         )
     pipe.save_pretrained(dest, safe_serialization=True)
     del pipe
+
+
+def _hand_over(session: Session, config: TrainConfig, keep_trained: Callable[[Any], None]) -> None:
+    """The trained UNet to `keep_trained`, ready to sample with, when one process trained an adapter."""
+    if config.method not in ADAPTER_METHODS or session.accelerator.num_processes != 1:
+        return
+    unet = session.accelerator.unwrap_model(session.unet)
+    unet = getattr(unet, "_orig_mod", unet)  # the module under torch.compile's wrapper
+    unet.requires_grad_(False)
+    unet.eval()
+    keep_trained(unet)
 
 
 def _free(session: Session) -> None:

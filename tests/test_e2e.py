@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 import pytest
 
 from flows.params import TrainingStatus
+from prefectruns import wait_for_log
 from stackserver import KEYS, RunningStack, data_uri
 from tasks.sample_photos import write_sample_photos
 
@@ -74,6 +76,9 @@ def test_lora_training_from_rest_call_to_loadable_weights(
     assert manifest["files"]["lora_kohya"]["sha256"] == hashlib.sha256(kohya_file.read_bytes()).hexdigest()
     assert "images" not in manifest["parameters"] and "webhook" not in manifest["parameters"]
     assert {"fetch-images", "crop-faces", "train-model", "convert-weights", "make-samples"} <= set(manifest["stage_seconds"])
+    run_id = UUID(stack.flow_run(body["training_id"])["id"])  # the samples took the trained UNet, no reload
+    assert any("the UNet the training handed over" in line
+               for line in wait_for_log(stack.settings.prefect_api, run_id, "samples: pipeline loaded"))
 
     from tasks.sampling import lora_output_difference
     from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd

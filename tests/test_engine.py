@@ -282,6 +282,35 @@ def test_samples_render_with_the_adapter_merged_and_look_as_unmerged(
         assert np.abs(pixels(path) - pixels(plain)).mean() > 1  # and the adapter shows
 
 
+def test_samples_from_the_unet_the_training_handed_over_match_those_from_the_saved_file(
+    tiny: Path, subject: list[Path], tmp_path: Path
+) -> None:
+    """A job's samples take the trained UNet from its training (no second load of the base UNet,
+    no adapter file read) and show exactly what the delivered adapter file does."""
+    kept: list = []
+    config = make_config(tiny, max_train_steps=3, report_every=3)
+    result = train(config, subject, [PROMPT] * 2, tmp_path / "model", keep_trained=kept.append)
+    assert len(kept) == 1
+    unet = kept[0]
+    assert not unet.training and not any(p.requires_grad for p in unet.parameters())
+    from_file = generate_samples(str(tiny), result.lora_file, PROMPT, "blurry", count=2, seed=7, resolution=64,
+                                 dest_dir=tmp_path / "file", steps=3)
+    handed = generate_samples(str(tiny), result.lora_file, PROMPT, "blurry", count=2, seed=7, resolution=64,
+                              dest_dir=tmp_path / "memory", steps=3, unet=unet)
+    base = render(load_pipeline(str(tiny)), PROMPT, "blurry", 2, 7, 64, 3)
+    for memory, file, plain in zip(handed, from_file, base, strict=True):
+        first, second = np.asarray(Image.open(memory), dtype=np.int16), np.asarray(Image.open(file), dtype=np.int16)
+        assert np.abs(first - second).max() <= 1  # rounding only
+        assert np.abs(first - np.asarray(plain, dtype=np.int16)).mean() > 1  # the adapter is in it
+
+
+def test_a_dreambooth_training_hands_over_nothing(tiny: Path, subject: list[Path], tmp_path: Path) -> None:
+    kept: list = []
+    config = make_config(tiny, max_train_steps=1, report_every=1, method="dreambooth")
+    train(config, subject, [PROMPT] * 2, tmp_path / "model", keep_trained=kept.append)
+    assert kept == []  # its samples load the saved pipeline folder
+
+
 def test_one_process_runs_trainings_of_different_precision(
     tiny: Path, subject: list[Path], tmp_path: Path
 ) -> None:

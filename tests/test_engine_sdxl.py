@@ -40,7 +40,8 @@ def test_crop_geometry_feeds_the_time_ids(subject: list[Path]) -> None:
 def test_sdxl_lora_trains_loads_and_samples(tiny_sdxl: Path, subject: list[Path], tmp_path: Path) -> None:
     config = config_for(tiny_sdxl, family="sdxl", resolution=TINY_SDXL_RESOLUTION, max_train_steps=10,
                         report_every=5)
-    result = train(config, subject, [PROMPT] * 2, tmp_path / "lora")
+    kept: list = []
+    result = train(config, subject, [PROMPT] * 2, tmp_path / "lora", keep_trained=kept.append)
     weights = load_file(result.adapter_file)
     assert weights and all(key.startswith("unet.") and ".lora_" in key for key in weights)
     assert any(".attn2.to_k." in key for key in weights)  # the cross-attention over both encoders
@@ -50,3 +51,6 @@ def test_sdxl_lora_trains_loads_and_samples(tiny_sdxl: Path, subject: list[Path]
                              resolution=64, dest_dir=tmp_path / "samples", steps=2)
     image = np.asarray(Image.open(paths[0]))
     assert image.shape == (64, 64, 3) and image.std() > 0
+    handed = generate_samples(str(tiny_sdxl), result.adapter_file, PROMPT, "blurry", count=1, seed=3,
+                              resolution=64, dest_dir=tmp_path / "handed", steps=2, unet=kept[0])
+    assert np.abs(np.asarray(Image.open(handed[0]), dtype=np.int16) - image.astype(np.int16)).max() <= 1
