@@ -71,7 +71,6 @@ async def _prepare(api_url: str, pool: str, gpu_slots: int, command: str | None)
             await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=gpu_slots))
 
 
-
 def prepare_orchestration(api_url: str, pool: str, gpu_slots: int, command: str | None = None) -> None:
     """Make sure the process work pool and the GPU limit (``gpu_slots`` slots) exist (before the deployments).
 
@@ -88,8 +87,10 @@ async def _prepare_crash_recovery(api_url: str) -> None:
         existing = await client.read_automations_by_name(RERUN_AUTOMATION)
         if not existing:
             await client.create_automation(automation)
-        for found in existing:  # the same name, say from an older dreamflow: made what it should be
-            await client.update_automation(found.id, automation)
+            return
+        await client.update_automation(existing[0].id, automation)  # say, an older dreamflow's
+        for extra in existing[1:]:  # two would start two recoveries per crash
+            await client.delete_automation(extra.id)
 
 
 def prepare_crash_recovery(api_url: str) -> None:

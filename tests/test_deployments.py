@@ -13,12 +13,16 @@ from typing import Any
 import pytest
 import yaml
 from prefect import Flow, flow
-from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_LOGGING_TO_API_ENABLED,
+    temporary_settings,
+)
+from prefectruns import read_deployment, read_flow_run, start_deployment, wait_for_final
+from stackserver import KEYS, RunningStack
 
 from flows.params import TrainingParams
 from flows.settings import hash_key
-from prefectruns import read_deployment, read_flow_run, start_deployment, wait_for_final
-from stackserver import KEYS, RunningStack
 from tasks.registration import tag_own_run
 from tasks.sample_photos import write_sample_photos
 
@@ -55,6 +59,42 @@ def test_the_embedded_process_pool_starts_runs_in_the_checkout() -> None:
     from deployments.pool import job_template
 
     assert job_template(None)["variables"]["properties"]["working_dir"]["default"] == str(PROJECT)
+
+
+def test_crash_recovery_replaces_older_rerun_automations_with_one_that_starts_the_recovery(stack: RunningStack) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState, RunDeployment
+
+    from deployments.pool import (
+        RECOVERY_DEPLOYMENT,
+        RERUN_AUTOMATION,
+        prepare_crash_recovery,
+        rerun_crashed_trainings,
+    )
+
+    async def add_old_one() -> None:  # what dreamflow created before: reschedule straight away
+        async with get_client() as client:
+            recovery = await client.read_deployment_by_name(RECOVERY_DEPLOYMENT)
+            old = rerun_crashed_trainings(recovery.id)
+            old.actions = [ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True)]
+            await client.create_automation(old)
+
+    async def read() -> tuple[list, object]:
+        async with get_client() as client:
+            recovery = await client.read_deployment_by_name(RECOVERY_DEPLOYMENT)
+            return await client.read_automations_by_name(RERUN_AUTOMATION), recovery.id
+
+    with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api}):
+        asyncio.run(add_old_one())
+        assert len(asyncio.run(read())[0]) == 2
+        prepare_crash_recovery(stack.settings.prefect_api)
+        automations, recovery_id = asyncio.run(read())
+    assert len(automations) == 1
+    (action,) = automations[0].actions
+    assert isinstance(action, RunDeployment) and action.deployment_id == recovery_id
 
 
 def test_retrain_schedule_parameters_are_valid() -> None:
