@@ -2,7 +2,7 @@
 
 Prefect marks a training Crashed when its worker or process died. The automation
 ``dreamflow: rerun crashed trainings`` (deployments/pool.py) starts this flow for each such
-crash. It counts the run's crashes in its state history, so the bound holds even for a process
+crash. It counts the run's attempts in its state history, so the bound holds even for a process
 that dies before the flow begins (a broken install, a worker that cannot start the run): the
 training's own attempt check never runs there, and rescheduling it straight from the automation
 went round every second, for ever.
@@ -54,20 +54,21 @@ def recover_crashed_training(crashed: str) -> str:
         if run.state is None or run.state.type != StateType.CRASHED:
             logger.info("flow run %s is %s now, not crashed: nothing to do", run_id, run.state and run.state.name)
             return "left alone"
-        crashes = attempts([state.type for state in client.read_flow_run_states(run_id)])
-        if crashes < MAX_RUNS:
+        crashed_attempts = attempts([state.type for state in client.read_flow_run_states(run_id)])
+        if crashed_attempts < MAX_RUNS:
             client.set_flow_run_state(run_id, Scheduled(
                 name=RERUN_STATE_NAME,
-                message=f"rerun after crash {crashes} of at most {MAX_RUNS - 1}; training resumes from its last checkpoint",
+                message=f"rerun after crash {crashed_attempts} of at most {MAX_RUNS - 1}; "
+                        "training resumes from its last checkpoint",
             ), force=True)
-            logger.info("flow run %s crashed (%d of %d allowed): queued again", run_id, crashes, MAX_RUNS - 1)
+            logger.info("flow run %s crashed (%d of %d allowed): queued again", run_id, crashed_attempts, MAX_RUNS - 1)
             return "rerun"
-        reason = f"the training crashed {crashes} times (its worker or process died); giving up"
+        reason = f"the training crashed {crashed_attempts} times (its worker or process died); giving up"
         client.set_flow_run_state(run_id, Failed(message=reason), force=True)
     params = (run.parameters or {}).get("params") or {}
-    training_id = params.get("training_id") if isinstance(params, dict) else None
-    if training_id:
-        report_stage(training_id, TrainingStatus.FAILED, "failed", f"failed: {reason}", error=reason,
-                     webhook=params.get("webhook"))
+    if isinstance(params, dict) and params.get("training_id"):
+        webhook = {"webhook": params["webhook"]} if params.get("webhook") else {}  # else keep the record's
+        report_stage(params["training_id"], TrainingStatus.FAILED, "failed", f"failed: {reason}", error=reason,
+                     **webhook)
     logger.warning("flow run %s: %s", run_id, reason)
     return "failed"
