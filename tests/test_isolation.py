@@ -57,7 +57,10 @@ def test_a_link_opens_only_its_own_file_and_expires(stack: RunningStack, alices_
     bucket = signed.path.split("/")[1]
     forged = urlunsplit(signed._replace(path=f"/{bucket}/{quote(other_key)}"))  # same signature, other file
     assert httpx.get(forged, timeout=10).status_code == 403  # the signature covers the object key
-    short = stack.store.link(other_key, 1)
+    # A signature's date has whole seconds: a link signed for 1 s may be expired at once (a CI run
+    # failed on it). One signed for 3 s lives 2-3 s.
+    signed_at = time.monotonic()
+    short = stack.store.link(other_key, 3)
     assert httpx.get(short, timeout=10).status_code == 200
-    time.sleep(2.5)
+    time.sleep(max(0.0, signed_at + 4.5 - time.monotonic()))
     assert httpx.get(short, timeout=10).status_code == 403
