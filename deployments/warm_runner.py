@@ -68,8 +68,6 @@ def preload() -> float:
     import flows.recover
     import flows.retrain
     import flows.training
-    import prefect.deployments.steps.core
-    import prefect.deployments.steps.pull
     import prefect.engine
     import prefect.flow_engine
     import prefect.runner

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 
-
 def pipeline_family(model_dir: str, family: str | None = None) -> str:
     """`family` if given, else "sdxl" when the folder's model_index.json names an XL pipeline, else "sd15"."""
     if family is not None:

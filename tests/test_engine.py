@@ -258,6 +258,11 @@ def test_generate_samples_and_grid(tiny: Path, trained: tuple[TrainResult, list]
         assert np.array_equal(np.asarray(opened.convert("RGB"))[:64, 64:], np.asarray(images[1].convert("RGB")))
 
 
+def pixels(image: object) -> np.ndarray:
+    """An image (or the PNG at a path) as signed integers, for differences."""
+    return np.asarray(Image.open(image) if isinstance(image, Path) else image, dtype=np.int16)
+
+
 def test_samples_render_with_the_adapter_merged_and_look_as_unmerged(
     tiny: Path, trained: tuple[TrainResult, list], tmp_path: Path
 ) -> None:
@@ -272,10 +277,6 @@ def test_samples_render_with_the_adapter_merged_and_look_as_unmerged(
     base = render(load_pipeline(str(tiny)), PROMPT, "blurry", 2, 7, 64, 3)
     merge_adapters(pipe)
     layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
-
-    def pixels(image: object) -> np.ndarray:
-        return np.asarray(Image.open(image) if isinstance(image, Path) else image, dtype=np.int16)
-
     assert layers and all(layer.merged for layer in layers)
     for path, image, plain in zip(merged, unmerged, base, strict=True):
         assert np.abs(pixels(path) - pixels(image)).max() <= 1  # rounding only
@@ -299,9 +300,8 @@ def test_samples_from_the_unet_the_training_handed_over_match_those_from_the_sav
                               dest_dir=tmp_path / "memory", steps=3, unet=unet)
     base = render(load_pipeline(str(tiny)), PROMPT, "blurry", 2, 7, 64, 3)
     for memory, file, plain in zip(handed, from_file, base, strict=True):
-        first, second = np.asarray(Image.open(memory), dtype=np.int16), np.asarray(Image.open(file), dtype=np.int16)
-        assert np.abs(first - second).max() <= 1  # rounding only
-        assert np.abs(first - np.asarray(plain, dtype=np.int16)).mean() > 1  # the adapter is in it
+        assert np.abs(pixels(memory) - pixels(file)).max() <= 1  # rounding only
+        assert np.abs(pixels(memory) - pixels(plain)).mean() > 1  # the adapter is in it
 
 
 def test_a_dreambooth_training_hands_over_nothing(tiny: Path, subject: list[Path], tmp_path: Path) -> None:
