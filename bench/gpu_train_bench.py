@@ -1,7 +1,7 @@
 """GPU training benchmark: LoRA r16 on an SD-1.5-sized UNet at 512 px, batch 1, bf16.
 
 The UNet is built from the published SD 1.5 UNet config (values below) with random weights, so
-nothing is downloaded. Two parts, each written into bench/results/gpu_train.json as it finishes:
+nothing is downloaded. Three parts, each written into bench/results/gpu_train.json as it finishes:
 
 1. **Step** (`--parts step`, `extra`): ms/step after warm-up, peak memory and MFU against 1.72 TFLOP per
    training step, for a bare loop (random latents 1x4x64x64, random text embeddings 1x77x768)
@@ -10,8 +10,11 @@ nothing is downloaded. Two parts, each written into bench/results/gpu_train.json
    (`mode="reduce-overhead"`); the bare loop also with gradient checkpointing.
 2. **Job** (`--parts job`): a whole `tasks.train_engine.train()` run, the code path a
    training's flow runs, on an SD-1.5-shaped random pipeline (UNet, VAE, CLIP text encoder)
-   saved to disk: 15 images, 1000 steps, 512 px. Reports load/encode time, loop steps/s, total
-   seconds and peak GPU memory (and the same job with `compile_unet=True`).
+   saved to disk: 15 images, 1000 steps, 512 px, with eager steps. Reports load/encode time, loop
+   steps/s, total seconds and peak GPU memory (and the same job with `compile_unet=True`).
+3. **Graph job** (`--parts graphjob`): the engine's CUDA-graph step (`cuda_graphs=True`, the
+   default) against its eager step over 40 steps of the same job, loss by loss and adapter weight
+   by weight; then the whole 1000-step job with it.
 
     python bench/gpu_train_bench.py                                    # on a machine with an NVIDIA GPU
     python bench/gpu_train_bench.py --device cpu --tiny --steps 2       # smoke test of the code paths
@@ -29,7 +32,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +74,13 @@ COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-over
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--parts", default="step,job,extra",
-                        help="comma-separated: step, job, extra (bare loop compiled, job with compile_unet)")
+    parser.add_argument("--parts", default="step,graphjob,job,extra",
+                        help="comma-separated: step, graphjob, job, extra (bare loop compiled, job with compile_unet)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per step variant")
     parser.add_argument("--warmup", type=int, default=6, help="untimed steps per variant (compile happens here)")
     parser.add_argument("--job-steps", type=int, default=1000, help="optimisation steps of the whole-job part")
     parser.add_argument("--job-images", type=int, default=15)
+    parser.add_argument("--compare-steps", type=int, default=40, help="steps of the graph-against-eager comparison")
     parser.add_argument("--tiny", action="store_true", help="tiny models (smoke test), not SD 1.5-sized")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "gpu_train.json")
@@ -278,7 +283,8 @@ def job_images(folder: Path, count: int, side: int) -> list[Path]:
     return paths
 
 
-def run_job(args: argparse.Namespace, model: Path, images: list[Path], out_dir: Path, compiled: bool) -> dict[str, Any]:
+def run_job(args: argparse.Namespace, model: Path, images: list[Path], out_dir: Path, options: dict[str, Any],
+            steps: int | None = None, report_every: int | None = None) -> dict[str, Any]:
     """One whole `train()` run, the flow's code path; the loop's rate comes from its own progress events."""
     import torch
 
@@ -289,10 +295,11 @@ def run_job(args: argparse.Namespace, model: Path, images: list[Path], out_dir: 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     events: list[tuple[float, ProgressEvent]] = []
+    steps = steps or args.job_steps
     config = TrainConfig(
-        pretrained_path=str(model), resolution=64 if args.tiny else 512, rank=16, max_train_steps=args.job_steps,
-        seed=0, mixed_precision="bf16" if cuda else "no", use_8bit_adam=False, report_every=max(1, min(50, args.job_steps // 4)),
-        compile_unet=compiled,
+        pretrained_path=str(model), resolution=64 if args.tiny else 512, rank=16, max_train_steps=steps,
+        seed=0, mixed_precision="bf16" if cuda else "no", use_8bit_adam=False,
+        report_every=report_every or max(1, min(50, steps // 4)), **options,
     )
     started = time.perf_counter()
     result = train(config, images, ["a photo of sks person"] * len(images), out_dir,
@@ -302,35 +309,84 @@ def run_job(args: argparse.Namespace, model: Path, images: list[Path], out_dir: 
     last_time, last = events[-1]
     loop_rate = (last.step - first.step) / max(last_time - first_time, 1e-9)
     return {
-        "compile_unet": compiled, "images": len(images), "steps": args.job_steps, "seconds_total": round(total, 2),
+        **options, "images": len(images), "steps": steps, "seconds_total": round(total, 2),
         "seconds_before_first_report": round(first_time - started, 2),
         "loop_steps_per_s": round(loop_rate, 2), "loop_ms_per_step": round(1000 / loop_rate, 2),
         "seconds_after_last_report": round(started + total - last_time, 2),
         "final_loss": round(result.final_loss, 5), "adapter_bytes": result.adapter_file.stat().st_size,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "losses": result.losses, "adapter_file": str(result.adapter_file),
     }
 
 
-def job_part(args: argparse.Namespace, report: dict[str, Any], compile_options: list[bool]) -> None:
+def job_part(args: argparse.Namespace, report: dict[str, Any], variants: list[dict[str, Any]]) -> None:
     jobs = report.setdefault("jobs", [])
+    with job_inputs(args, report) as (root, model, images):
+        for index, options in enumerate(variants):
+            out = root / f"out{index}"
+            result = _guarded(lambda o=options, d=out: run_job(args, model, images, d, o), options)
+            result.pop("losses", None)
+            jobs.append(result)
+            print(json.dumps(result), flush=True)
+            write(args, report)
+            _release(args.device == "cuda")
+
+
+@contextmanager
+def job_inputs(args: argparse.Namespace, report: dict[str, Any]) -> Iterator[tuple[Path, Path, list[Path]]]:
+    """A temporary folder with the SD-1.5-shaped pipeline and the job's photos."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()
         model = build_sd15_shaped_pipeline(root / "sd15-shaped", args.tiny)
         report["job_model_build_s"] = round(time.perf_counter() - started, 1)
         (root / "photos").mkdir()
-        images = job_images(root / "photos", args.job_images, 96 if args.tiny else 768)
-        for index, compiled in enumerate(compile_options):
-            try:
-                result = run_job(args, model, images, root / f"out{index}", compiled)
-            except Exception as exc:
-                traceback.print_exc()
-                result = {"compile_unet": compiled, "error": repr(exc)[:400]}
-            jobs.append(result)
-            print(json.dumps(result), flush=True)
-            write(args, report)
+        yield root, model, job_images(root / "photos", args.job_images, 96 if args.tiny else 768)
+
+
+def _guarded(run: Callable[[], dict[str, Any]], label: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return run()
+    except Exception as exc:  # one variant failing must not lose the others' figures
+        traceback.print_exc()
+        return {**label, "error": repr(exc)[:400]}
+
+
+def graph_job_part(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """The CUDA-graph step against the eager one (same seed, loss by loss, adapter weights), then a whole job."""
+    from safetensors.torch import load_file
+
+    part = report.setdefault("graph_job", {})
+    compare_steps = args.compare_steps
+    with job_inputs(args, report) as (root, model, images):
+        runs = {}
+        for name in ("eager", "graph"):
+            options = {"compile_unet": False, "cuda_graphs": name == "graph"}
+            runs[name] = _guarded(lambda o=options, n=name: run_job(args, model, images, root / f"cmp-{n}", o,
+                                                                    steps=compare_steps, report_every=1), options)
             _release(args.device == "cuda")
+        if all("losses" in run for run in runs.values()):
+            eager, graph = ([loss for _, loss in runs[n]["losses"]] for n in ("eager", "graph"))
+            weights = [load_file(runs[n]["adapter_file"]) for n in ("eager", "graph")]
+            num = sum(float((weights[0][k].float() - weights[1][k].float()).norm() ** 2) for k in weights[0])
+            den = sum(float(weights[0][k].float().norm() ** 2) for k in weights[0])
+            part["compare"] = {
+                "steps": compare_steps, "eager_losses": eager, "graph_losses": graph,
+                "max_relative_loss_difference": max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager, graph)),
+                "adapter_relative_difference": (num / max(den, 1e-30)) ** 0.5,
+                "eager_ms_per_step": runs["eager"]["loop_ms_per_step"], "graph_ms_per_step": runs["graph"]["loop_ms_per_step"],
+            }
+        else:
+            part["compare"] = {n: run.get("error") for n, run in runs.items()}
+        print(json.dumps(part["compare"])[:1500], flush=True)
+        write(args, report)
+        options = {"compile_unet": False, "cuda_graphs": True}
+        job = _guarded(lambda: run_job(args, model, images, root / "job", options), options)
+        job.pop("losses", None)
+        part["job"] = job
+        print(json.dumps(job), flush=True)
+        write(args, report)
 
 
 def _sync(cuda: bool) -> None:
@@ -377,11 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     can_compile = not args.no_compile and args.device == "cuda"
     if "step" in parts:
         step_part(args, peak, report)
+    if "graphjob" in parts:
+        graph_job_part(args, report)
     if "job" in parts:
-        job_part(args, report, [False])
+        job_part(args, report, [{"compile_unet": False, "cuda_graphs": False}])
     if "extra" in parts and can_compile:  # last: the most compile time for the least news
         step_part(args, peak, report, extra=True)
-        job_part(args, report, [True])
+        job_part(args, report, [{"compile_unet": True, "cuda_graphs": False}])
     write(args, report)
     print(f"wrote {args.out}", flush=True)
     return 0

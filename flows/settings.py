@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     compile_unet: bool = Field(
         False, description="torch.compile the UNet (CUDA graphs on a GPU); kernels are cached in <data>/cache/inductor."
     )
+    cuda_graphs: bool = Field(
+        True, description="On a GPU, replay each training step as one CUDA graph (captured after 3 eager steps)."
+    )
     test_stage_hold: bool = Field(
         False,
         description="Test only, never in production: a training that reports stage <name> waits there while the "

@@ -89,7 +89,16 @@ class TrainConfig(BaseModel):
         default=False, description="Trade compute for memory by recomputing UNet activations."
     )
     compile_unet: bool = Field(
-        default=False, description="Compile the UNet (CUDA graphs on a GPU): ~100 s of compiling, then ~6x faster steps."
+        default=False,
+        description="Compile the UNet (with CUDA graphs on a GPU): ~140 s of compiling, then steps a little faster "
+        "than cuda_graphs gives without compiling (SD 1.5 LoRA on an H100: 21.6 against 25 ms).",
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On a GPU, capture the whole optimisation step in a CUDA graph after a few eager steps and "
+        "replay it: no compiling, and the GPU no longer waits on Python between thousands of small kernels. "
+        "Ignored on CPU, under several processes, with fp16, 8-bit AdamW, a training text encoder, gradient "
+        "checkpointing or compile_unet.",
     )
     use_8bit_adam: bool = Field(
         default=True, description="Use bitsandbytes' 8-bit AdamW when it and CUDA are present; AdamW otherwise."

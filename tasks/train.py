@@ -83,6 +83,7 @@ def train_config(params: TrainingParams, entry: BaseModelEntry, pretrained: str,
         text_encoder_steps=params.text_encoder_steps if dreambooth else 0,
         max_train_steps=params.max_train_steps, seed=params.seed,
         checkpoint_every=worker_settings().checkpoint_every, compile_unet=worker_settings().compile_unet,
+        cuda_graphs=worker_settings().cuda_graphs,
         class_prompt=(params.class_prompt or default_class_prompt(params.training_type)) if dreambooth else None,
         mixed_precision="bf16" if cuda else "no", gradient_checkpointing=needs_checkpointing(cuda, dreambooth, entry),
     )

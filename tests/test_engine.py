@@ -7,9 +7,11 @@ most tests; the rest run a few steps each.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +22,8 @@ from safetensors.torch import load_file
 
 from tasks.kohya import KohyaConversionError, save_kohya_lora, to_kohya
 from tasks.engine_config import TrainConfig, TrainingCancelled, TrainingDiverged, TrainResult
-from tasks.train_engine import train
+from tasks.engine_setup import cuda_graphs_off
+from tasks.train_engine import _with_float_lr, train
 from tasks.sampling import generate_samples, load_pipeline, lora_output_difference, make_grid, merge_adapters, render
 from engine_fixtures import ATTENTION_PROJECTIONS, PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401 - fixtures
 from tasks.tiny_models import build_tiny_sd
@@ -319,3 +322,44 @@ def test_one_process_runs_trainings_of_different_precision(
         config = make_config(tiny, max_train_steps=2, report_every=2, mixed_precision=precision)
         result = train(config, subject, [PROMPT] * 2, tmp_path / str(index))
         assert result.lora_file.exists() and np.isfinite(result.final_loss)
+
+
+# --- CUDA graphs: capture and replay need a GPU; `bench/gpu_train_bench.py --parts graphjob` checks
+# there that the graphed step matches the eager one loss by loss. Here: when the step stays eager.
+
+
+def test_a_training_without_a_gpu_runs_eager_steps_and_says_why(
+    tiny: Path, subject: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="tasks.engine_setup"):
+        result = train(make_config(tiny, max_train_steps=2, report_every=1), subject, [PROMPT] * 2, tmp_path / "a")
+    assert "training step: eager (no CUDA device)" in caplog.text
+    assert result.lora_file.exists() and np.isfinite(result.final_loss)
+
+
+def test_options_that_need_the_host_inside_a_step_keep_it_eager(tiny: Path) -> None:
+    """A stand-in accelerator says it has a GPU (there is none here); each option alone rules the graph out."""
+    gpu = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
+    plain = {"use_8bit_adam": False, "mixed_precision": "bf16"}
+    assert cuda_graphs_off(make_config(tiny, **plain), gpu, None) is None
+    assert cuda_graphs_off(make_config(tiny, **plain), SimpleNamespace(device=torch.device("cpu"), num_processes=1),
+                           None) == "no CUDA device"
+    assert cuda_graphs_off(make_config(tiny, **plain), SimpleNamespace(device=torch.device("cuda"), num_processes=2),
+                           None) == "several processes"
+    assert cuda_graphs_off(make_config(tiny, **plain), gpu, object()) == "the text encoder trains for some steps"
+    for option, reason in [
+        ({"cuda_graphs": False}, "cuda_graphs is off"),
+        ({"compile_unet": True}, "compile_unet brings CUDA graphs of its own"),
+        ({"gradient_checkpointing": True}, "gradient checkpointing"),
+        ({"mixed_precision": "fp16"}, "fp16's gradient scaler decides on the host"),
+    ]:
+        assert cuda_graphs_off(make_config(tiny, **{**plain, **option}), gpu, None) == reason
+
+
+def test_a_checkpoint_keeps_plain_learning_rates_when_the_run_held_them_as_tensors() -> None:
+    """A graphed run keeps each learning rate in a device tensor; its checkpoints resume anywhere."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([weight], lr=torch.tensor(2e-4))
+    state = _with_float_lr(optimizer.state_dict())
+    assert type(state["param_groups"][0]["lr"]) is float and state["param_groups"][0]["lr"] == pytest.approx(2e-4)
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)  # the live optimizer is untouched

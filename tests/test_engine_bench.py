@@ -25,7 +25,8 @@ def load_bench() -> ModuleType:
 
 def test_cpu_smoke_mode_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "gpu_train.json"
-    args = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--tiny", "--job-steps", "8", "--job-images", "2"]
+    args = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--tiny", "--job-steps", "8", "--job-images", "2",
+            "--parts", "step,job,extra"]
     assert load_bench().main([*args, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["tiny"] is True
@@ -48,3 +49,32 @@ def test_without_cuda_it_exits_2_with_a_message(tmp_path: Path, capsys: pytest.C
     assert load_bench().main(["--out", str(tmp_path / "x.json")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cpu_smoke_of_the_graph_job_compares_runs_loss_by_loss(tmp_path: Path) -> None:
+    """On CPU both runs are eager (CUDA graphs need a GPU), so the comparison must find them identical."""
+    out = tmp_path / "gpu_train.json"
+    args = ["--device", "cpu", "--tiny", "--parts", "graphjob", "--compare-steps", "6", "--job-steps", "6",
+            "--job-images", "2"]
+    assert load_bench().main([*args, "--out", str(out)]) == 0
+    part = json.loads(out.read_text())["graph_job"]
+    compare = part["compare"]
+    assert len(compare["eager_losses"]) == len(compare["graph_losses"]) == 6
+    assert compare["max_relative_loss_difference"] == 0 and compare["adapter_relative_difference"] == 0
+    assert part["job"]["cuda_graphs"] is True and part["job"]["steps"] == 6 and part["job"]["adapter_bytes"] > 0
+
+
+def test_step_variants_cpu_smoke_times_and_breaks_down_a_step(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_step_variants", SCRIPT.with_name("gpu_step_variants.py"))
+    assert spec and spec.loader
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    out = tmp_path / "variants.json"
+    changes = '[{"channels_last": true, "precision": "bf16-base"}]'
+    args = ["--device", "cpu", "--tiny", "--steps", "2", "--parts", "captured,profile", "--captured", changes]
+    assert variants.main([*args, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (captured,) = report["captured"]
+    assert captured["precision"] == "bf16-base" and captured["channels_last"] and captured["eager_ms_per_step"] > 0
+    (breakdown,) = report["kernel_breakdown"]
+    assert breakdown["kernels"] > 100 and sum(breakdown["kernel_ms_by_kind"].values()) > 0
