@@ -212,6 +212,7 @@ class _GraphedStep:
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.session.generator)
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager steps' cached blocks, free for the graph's own memory pool
         try:
             with torch.cuda.graph(graph):
                 self.loss = _update(self.session, self.config)
@@ -224,7 +225,7 @@ class _GraphedStep:
         logger.info("training step captured as a CUDA graph in %.2f s", time.perf_counter() - started)
 
     def close(self) -> None:
-        """Free the graph and the gradients in its memory; the UNet's weights go back to the usual layout to be saved."""
+        """Free the graph and the gradients in its memory; the UNet goes back to the usual layout to be saved."""
         import torch
 
         self.graph = self.loss = None
