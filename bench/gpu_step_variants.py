@@ -25,13 +25,11 @@ Results go to bench/results/gpu_step_variants.json, rewritten after every varian
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import re
 import sys
 import tempfile
 import time
-import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_train_bench import FLOP_PER_STEP, SD15_UNET, TINY_UNET_CONFIG, build_unet, peak_flops
+from gpu_train_bench import (
+    FLOP_PER_STEP, SD15_UNET, TINY_UNET_CONFIG, _guarded, _release, _sync, build_unet, peak_flops, write,
+)
 
 KERNEL_KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.IGNORECASE)),
@@ -145,19 +145,12 @@ class Step:
         self.graph.replay()
 
 
-def sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(run: Any, steps: int) -> float:
-    sync()
+def timed(run: Any, steps: int, cuda: bool) -> float:
+    _sync(cuda)
     started = time.perf_counter()
     for _ in range(steps):
         run()
-    sync()
+    _sync(cuda)
     return (time.perf_counter() - started) * 1000 / steps
 
 
@@ -183,14 +176,15 @@ def captured_variant(args: argparse.Namespace, options: dict[str, Any], peak: fl
     step = Step(args, options)
     for _ in range(3):
         step()
-    result = {**options, "eager_ms_per_step": round(timed(step, max(5, args.steps // 3)), 2)}
-    if args.device == "cuda":
+    cuda = args.device == "cuda"
+    result = {**options, "eager_ms_per_step": round(timed(step, max(5, args.steps // 3), cuda), 2)}
+    if cuda:
         started = time.perf_counter()
         step.capture()
         result["capture_s"] = round(time.perf_counter() - started, 2)
-        result["graph_ms_per_step"] = round(timed(step.replay, args.steps), 2)
+        result["graph_ms_per_step"] = round(timed(step.replay, args.steps, cuda), 2)
     del step
-    release()
+    _release(cuda)
     return with_figures(result, peak, "graph_ms_per_step")
 
 
@@ -199,16 +193,17 @@ def compiled_variant(args: argparse.Namespace, options: dict[str, Any], peak: fl
 
     torch._dynamo.reset()
     reset_peak()
-    mode = "reduce-overhead" if args.device == "cuda" else "default"
+    cuda = args.device == "cuda"
+    mode = "reduce-overhead" if cuda else "default"
     step = Step(args, options, compile_mode=mode)
     started = time.perf_counter()
     for _ in range(6):
         step()
-    sync()
+    _sync(cuda)
     result = {**options, "compile_mode": mode, "warmup_s": round(time.perf_counter() - started, 1),
-              "ms_per_step": round(timed(step, args.steps), 2)}
+              "ms_per_step": round(timed(step, args.steps, cuda), 2)}
     del step
-    release()
+    _release(cuda)
     return with_figures(result, peak, "ms_per_step")
 
 
@@ -220,10 +215,10 @@ def kernel_breakdown(args: argparse.Namespace, options: dict[str, Any]) -> dict[
     step = Step(args, options)
     for _ in range(3):
         step()
-    sync()
+    _sync(cuda)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         step()
-        sync()
+        _sync(cuda)
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
@@ -237,7 +232,7 @@ def kernel_breakdown(args: argparse.Namespace, options: dict[str, Any]) -> dict[
         by_name.setdefault(kernel["name"][:120], []).append(kernel["dur"] / 1000)
     top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
     del step
-    release()
+    _release(cuda)
     return {
         **options, "kernels": len(kernels), "kernel_ms": round(sum(kinds.values()), 2),
         "kernel_ms_by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
@@ -246,29 +241,12 @@ def kernel_breakdown(args: argparse.Namespace, options: dict[str, Any]) -> dict[
     }
 
 
-def release() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def write(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-
-
 def attempt(report: dict[str, Any], key: str, args: argparse.Namespace, run: Any, label: dict[str, Any]) -> None:
-    try:
-        result = run()
-    except Exception as exc:  # one variant failing must not lose the others' figures
-        traceback.print_exc()
-        result = {**label, "error": repr(exc)[:400]}
-        release()
+    result = _guarded(run, label)
+    _release(args.device == "cuda")
     report.setdefault(key, []).append(result)
     print(json.dumps(result)[:700], flush=True)
-    write(args.out, report)
+    write(args, report)
 
 
 def best_options(report: dict[str, Any]) -> dict[str, Any]:
@@ -317,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if "compiled" in parts:
         for options in choices:
             attempt(report, "compiled", args, lambda o=options: compiled_variant(args, o, peak), options)
-    write(args.out, report)
+    write(args, report)
     print(f"wrote {args.out}", flush=True)
     return 0
 

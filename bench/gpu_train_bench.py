@@ -226,12 +226,9 @@ def step_part(args: argparse.Namespace, peak: float | None, report: dict[str, An
     plan = step_plan(args, extra)
     variants = report.setdefault("step_variants", [])
     for loop, name, mode, checkpointing in plan:
-        try:
-            result = time_variant(args, loop, name, mode, checkpointing)
-        except Exception as exc:  # one variant failing must not lose the others' figures
-            traceback.print_exc()
-            result = {"loop": loop, "variant": name, "gradient_checkpointing": checkpointing, "error": repr(exc)[:400]}
-            _release(args.device == "cuda")
+        label = {"loop": loop, "variant": name, "gradient_checkpointing": checkpointing}
+        result = _guarded(lambda: time_variant(args, loop, name, mode, checkpointing), label)  # noqa: B023 - called here
+        _release(args.device == "cuda")
         if peak and not args.tiny and "ms_per_step" in result:
             result["mfu"] = round(FLOP_PER_STEP / (result["ms_per_step"] / 1000) / peak, 4)
         variants.append(result)
