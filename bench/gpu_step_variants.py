@@ -9,7 +9,8 @@ options that change that GPU time, each one cheaply:
    of: NCHW or channels-last activations, cuDNN's algorithm search on or off, the SDPA backend
    (default, flash, cuDNN, memory-efficient), and the precision: autocast with fp32 LoRA weights (what
    the engine does), everything in bf16 (`bf16`), or a bf16 UNet with fp32 LoRA weights and no
-   autocast (`bf16-base`).
+   autocast (`bf16-base`), or bf16 adapter weights as views of one flat buffer stepped through
+   an fp32 master copy (`bf16-master`: fp32 optimizer state and updates, bf16 compute, no autocast).
    Capture takes seconds where `torch.compile` takes minutes, so each option is one replay timing.
 2. **Kernel breakdown** of one step of the best captured variant (torch.profiler): GPU time by kind
    of kernel (matrix products, convolutions, attention, normalisation, the rest) and kernel count.
@@ -59,6 +60,7 @@ CAPTURED = [
     {"sdpa": "cudnn"},
     {"sdpa": "efficient"},
     {"precision": "bf16"},
+    {"precision": "bf16-master"},
 ]
 
 
@@ -94,13 +96,16 @@ class Step:
         torch.backends.cudnn.benchmark = options["cudnn_benchmark"]
         self.options, self.device = options, args.device
         cuda = args.device == "cuda"
-        bf16 = options["precision"] == "bf16"
         self.unet = build_unet(args.tiny, args.device, torch.bfloat16, gradient_checkpointing=False)
-        if bf16:
+        if options["precision"] in ("bf16", "bf16-master"):
             self.unet.to(dtype=torch.bfloat16)  # the LoRA weights too; no autocast
         memory_format = torch.channels_last if options["channels_last"] else torch.contiguous_format
         self.unet.to(memory_format=memory_format)
         params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.master: Any = None
+        if options["precision"] == "bf16-master":
+            self.working, self.working_grad, self.master = flat_master(params)
+            params = [self.master]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=cuda and compile_mode is None)
         self.model = self.unet if compile_mode is None else torch.compile(self.unet, mode=compile_mode)
         config = TINY_UNET_CONFIG if args.tiny else SD15_UNET
@@ -120,6 +125,14 @@ class Step:
         with sdpa_context(self.options["sdpa"]), autocast:
             prediction = self.model(self.latents + noise, timesteps, encoder_hidden_states=self.embeddings).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        if self.master is not None:
+            self.working_grad.zero_()
+            loss.backward()  # accumulates into views of working_grad
+            self.master.grad.copy_(self.working_grad)
+            self.optimizer.step()
+            with torch.no_grad():
+                self.working.copy_(self.master)
+            return
         loss.backward()
         self.optimizer.step()
         if self.graph is None:
@@ -135,7 +148,8 @@ class Step:
             for _ in range(3):
                 self()
         torch.cuda.current_stream().wait_stream(stream)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.master is None:
+            self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         self.graph = graph
         with torch.cuda.graph(graph):
@@ -143,6 +157,27 @@ class Step:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+def flat_master(params: list[Any]) -> tuple[Any, Any, Any]:
+    """Make the bf16 `params` views of one flat bf16 buffer, their grads views of another, and return
+    both with an fp32 master copy (a leaf with its grad allocated) for the optimizer to step: two
+    cast-copies per step instead of autocast's casts of every adapter weight and norm input."""
+    import torch
+
+    total = sum(p.numel() for p in params)
+    working = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+    working_grad = torch.zeros_like(working)
+    offset = 0
+    for param in params:
+        size = param.numel()
+        working[offset:offset + size].copy_(param.detach().reshape(-1))
+        param.data = working[offset:offset + size].view_as(param)
+        param.grad = working_grad[offset:offset + size].view_as(param)
+        offset += size
+    master = torch.nn.Parameter(working.float())
+    master.grad = torch.zeros_like(master)
+    return working, working_grad, master
 
 
 def timed(run: Any, steps: int, cuda: bool) -> float:

@@ -70,11 +70,12 @@ def test_step_variants_cpu_smoke_times_and_breaks_down_a_step(tmp_path: Path) ->
     variants = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(variants)
     out = tmp_path / "variants.json"
-    changes = '[{"channels_last": true, "precision": "bf16-base"}]'
+    changes = '[{"channels_last": true, "precision": "bf16-base"}, {"precision": "bf16-master"}]'
     args = ["--device", "cpu", "--tiny", "--steps", "2", "--parts", "captured,profile", "--captured", changes]
     assert variants.main([*args, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    (captured,) = report["captured"]
-    assert captured["precision"] == "bf16-base" and captured["channels_last"] and captured["eager_ms_per_step"] > 0
+    base, master = report["captured"]
+    assert base["precision"] == "bf16-base" and base["channels_last"] and base["eager_ms_per_step"] > 0
+    assert master["precision"] == "bf16-master" and "error" not in master and master["eager_ms_per_step"] > 0
     (breakdown,) = report["kernel_breakdown"]
     assert breakdown["kernels"] > 100 and sum(breakdown["kernel_ms_by_kind"].values()) > 0
