@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +56,14 @@ def config_for(model: Path, **overrides: object) -> TrainConfig:
     }
     options.update(overrides)
     return TrainConfig(**options)
+
+
+def stop_after(steps: int) -> Callable[[], bool]:
+    """A `should_stop` that lets `steps` steps run and cancels the run at the next check."""
+    checks: list[int] = []
+
+    def should_stop() -> bool:
+        checks.append(1)
+        return len(checks) > steps
+
+    return should_stop

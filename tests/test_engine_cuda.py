@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_fixtures import PROMPT, config_for, subject, tiny  # noqa: F401 - fixtures
+from engine_fixtures import PROMPT, config_for, stop_after, subject, tiny  # noqa: F401 - fixtures
 from flows.store import LocalStore
 from tasks.checkpoints import CheckpointStore
 from tasks.engine_config import TrainConfig, TrainingCancelled, TrainResult
@@ -86,14 +86,8 @@ def test_a_graphed_run_resumes_from_its_checkpoint_with_the_learning_rate_schedu
 
     store = LocalStore(tmp_path / "store", "http://x", b"k")
     checkpoints = CheckpointStore(store, "trainings/t1/checkpoints")
-    checks: list[int] = []
-
-    def stop_after_nine_steps() -> bool:
-        checks.append(1)
-        return len(checks) > 9
-
     with pytest.raises(TrainingCancelled, match="step 9 of 12"):
-        run(config, subject, tmp_path / "first", caplog, should_stop=stop_after_nine_steps, checkpoints=checkpoints)
+        run(config, subject, tmp_path / "first", caplog, should_stop=stop_after(9), checkpoints=checkpoints)
     assert json.loads(store.get_bytes("trainings/t1/checkpoints/latest.json"))["step"] == 8
     resumed = run(config, subject, tmp_path / "resumed", caplog, checkpoints=checkpoints)
     assert resumed.resumed_from == 8 and CAPTURED in caplog.text

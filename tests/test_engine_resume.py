@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_fixtures import PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401
+from engine_fixtures import PROMPT, config_for, one_torch_thread, stop_after, subject, tiny  # noqa: F401
 from flows.store import LocalStore
 from tasks.checkpoints import CheckpointStore
 from tasks.engine_config import TrainingCancelled
@@ -27,14 +27,8 @@ def test_interrupted_and_resumed_run_reaches_the_same_weights(
 
     store = LocalStore(tmp_path / "store", "http://x", b"k")
     checkpoints = CheckpointStore(store, "trainings/t1/checkpoints")
-    checks: list[int] = []
-
-    def stop_after_five_steps() -> bool:
-        checks.append(1)
-        return len(checks) > 5
-
     with pytest.raises(TrainingCancelled, match="step 5 of 8"):
-        train(config, subject, [PROMPT] * 2, tmp_path / "first", should_stop=stop_after_five_steps,
+        train(config, subject, [PROMPT] * 2, tmp_path / "first", should_stop=stop_after(5),
               checkpoints=checkpoints)
     pointer = json.loads(store.get_bytes("trainings/t1/checkpoints/latest.json"))
     assert pointer == {"step": 4, "folder": "step-00000004"}
