@@ -54,3 +54,23 @@ def test_both_loops_train_two_steps_and_the_result_has_its_keys(bench: ModuleTyp
     assert set(written["loops"]) == {"engine", "reference"}
     assert written["loops"]["engine"]["runs"][0]["all_losses_finite"] is True
     assert written["ratio_engine_over_reference"] > 0
+
+
+def test_the_cpu_attention_benchmark_times_each_part_and_writes_its_json(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_cpu_attention
+    finally:
+        sys.path.remove(str(BENCH))
+    args = ["--repeats", "1", "--sample-runs", "1", "--train-steps", "2", "--out", str(tmp_path)]
+    assert bench_cpu_attention.main(args) == 0
+    report = json.loads((tmp_path / "cpu_attention.json").read_text())
+    for shape in bench_cpu_attention.SHAPES:
+        timings = report["attention"][shape]
+        assert set(timings) == {"shape", "sdpa_flash_cpu", "sdpa_math", "matmul_softmax"}
+        assert all(t["forward_ms"] > 0 and t["forward_backward_ms"] > 0 for k, t in timings.items() if k != "shape")
+    engine = report["engine_step"]
+    assert 0 < engine["attention_forward_share"] + engine["attention_backward_share"] < 1
+    samples = report["samples"]
+    assert all(samples[key] > 0 for key in ("default_s", "one_thread_s", "sdpa_math_s", "classic_processor_s",
+                                            "omp_passive_s"))

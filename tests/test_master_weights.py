@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401 - fixtures
+from engine_fixtures import PROMPT, config_for, one_torch_thread, stop_after, subject, tiny  # noqa: F401 - fixtures
 from safetensors.torch import load_file
 
 from flows.store import LocalStore
@@ -149,14 +149,8 @@ def test_a_checkpoint_of_master_weights_resumes_in_either_kind_of_run(
                          lr_scheduler="cosine", lr_warmup_steps=2)
     straight = train(config, subject, [PROMPT] * 2, tmp_path / "straight")
     store = LocalStore(tmp_path / "store", "http://x", b"k")
-    checks: list[int] = []
-
-    def stop_after_five_steps() -> bool:
-        checks.append(1)
-        return len(checks) > 5
-
     with pytest.raises(TrainingCancelled, match="step 5 of 8"):
-        train(config, subject, [PROMPT] * 2, tmp_path / "first", should_stop=stop_after_five_steps,
+        train(config, subject, [PROMPT] * 2, tmp_path / "first", should_stop=stop_after(5),
               checkpoints=CheckpointStore(store, "t/checkpoints"))
     assert json.loads(store.get_bytes("t/checkpoints/latest.json"))["step"] == 4
     for copy in ("resumed", "resumed-without"):  # one copy of the checkpoint for each run that resumes
