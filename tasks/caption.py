@@ -10,9 +10,11 @@ from prefect import task
 from flows.params import TrainingParams, TrainingStatus
 from tasks import captioning
 from tasks.context import report_stage, worker_settings, worker_store
+from tasks.registration import timed_stage
 
 
 @task(name="caption-images")
+@timed_stage
 def caption_images(params: TrainingParams, crop_paths: list[str]) -> list[str]:
     """One caption per crop from the configured captioner, stored as ``captions.json`` beside the crops.
 

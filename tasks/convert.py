@@ -14,6 +14,7 @@ from prefect import task
 
 from flows.params import TrainingParams, TrainingStatus
 from tasks.context import report_stage, workdir
+from tasks.registration import timed_stage
 from tasks.train import TrainOutput
 
 
@@ -65,6 +66,7 @@ EXPORTERS = {"lora": kohya_lora, "loha": lycoris, "lokr": lycoris, "dreambooth":
 
 
 @task(name="convert-weights")
+@timed_stage
 def convert_weights(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
     """Export the trained weights in every format of its method; returns link name -> local path."""
     report_stage(params.training_id, TrainingStatus.COMPRESSING, "converting",

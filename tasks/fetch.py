@@ -11,6 +11,7 @@ from flows.params import TrainingParams, TrainingStatus
 from flows.store import ObjectNotFound, ObjectStore
 from tasks import fetching
 from tasks.context import report_stage, run_logger, worker_settings, worker_store, workdir
+from tasks.registration import timed_stage
 
 
 class NoUsableImages(RuntimeError):
@@ -37,6 +38,7 @@ def own_reader(store: ObjectStore, training_id: str) -> Callable[[str], bytes | 
 
 
 @task(name="fetch-images")
+@timed_stage
 def fetch_images(params: TrainingParams) -> list[str]:
     """Download every image of a request into the training's work folder; return the local paths."""
     settings = worker_settings()

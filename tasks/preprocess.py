@@ -14,6 +14,7 @@ from tasks.artifacts import UI_LINK_EXPIRY_S, publish_artifacts
 from tasks.context import base_model, report_stage, run_logger, worker_settings, worker_store, workdir
 from tasks.crop_report import ReportRow, contact_sheet, markdown_report, report_rows, summary_line
 from tasks.dedupe import drop_near_duplicates
+from tasks.registration import timed_stage
 
 
 class TooFewImages(RuntimeError):
@@ -47,6 +48,7 @@ def store_report(training_id: str, rows: list[ReportRow], crop_dir: Path) -> str
 
 
 @task(name="crop-faces")
+@timed_stage
 def crop_faces(params: TrainingParams, raw_paths: list[str]) -> list[str]:
     """Square crops at the base model's resolution, without faceless images or near-duplicates.
 

@@ -7,6 +7,10 @@ flow has neither, so the training flow registers its own run first.
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import get_client, task
@@ -15,6 +19,41 @@ from prefect.runtime import flow_run
 from flows.params import TrainingParams
 from flows.records import APP_TAG, owner_tag, training_tag
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+_stage_times: dict[UUID, dict[UUID, tuple[str, float]]] = {}
+"""Flow run id -> task run id -> (stage, wall seconds) of the stages this process ran."""
+
+
+def timed_stage(fn: F) -> F:
+    """Decorate a stage's function (under ``@task``) so that this process knows its wall seconds.
+
+    Prefect's API learns that a task run ended from the run's events, a moment later and in the
+    server's own time: read right after a stage, it may not list that stage yet (the manifest
+    missed its samples' seconds so). Attempts of one task run add up.
+    """
+
+    @functools.wraps(fn)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _record(time.perf_counter() - started)
+
+    return timed  # type: ignore[return-value]
+
+
+def _record(seconds: float) -> None:
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None or context.task_run is None or context.task_run.flow_run_id is None:
+        return
+    runs = _stage_times.setdefault(context.task_run.flow_run_id, {})
+    _, before = runs.get(context.task_run.id, ("", 0.0))
+    runs[context.task_run.id] = (context.task.name, before + seconds)
+
 
 def run_tags(params: TrainingParams) -> list[str]:
     """The tags that put a training in its owner's ``finetune_list`` and status."""
@@ -22,6 +61,7 @@ def run_tags(params: TrainingParams) -> list[str]:
 
 
 @task(name="register-run", retries=3, retry_delay_seconds=[1, 2, 5])
+@timed_stage
 def tag_own_run(params: TrainingParams) -> list[str]:
     """Add the facade's tags to the current flow run and name it by the training id; returns its tags.
 
@@ -41,21 +81,26 @@ def tag_own_run(params: TrainingParams) -> list[str]:
 
 
 def stage_seconds() -> dict[str, float]:
-    """Wall seconds per stage of the current flow run (its finished task runs, summed by task name).
+    """Wall seconds per stage of the current flow run, summed by task name, for the manifest.
 
-    For the manifest; a task that runs twice (the two uploads, or a rerun after a crash) adds up.
+    The stages this process ran, as it timed them, plus the finished task runs Prefect records for
+    the run that this process did not run (an attempt before a crash): a task that runs twice (the
+    two uploads, or a rerun after a crash) adds up.
     """
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     run_id = flow_run.get_id()
     if run_id is None:
         return {}
+    local = _stage_times.get(UUID(run_id), {})
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
             task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[UUID(run_id)])))
     totals: dict[str, float] = {}
+    for name, seconds in local.values():
+        totals[name] = totals.get(name, 0.0) + seconds
     for run in task_runs:
-        if run.start_time is not None and run.end_time is not None:
+        if run.id not in local and run.start_time is not None and run.end_time is not None:
             name = run.name.rsplit("-", 1)[0]  # "train-model-9ce" -> "train-model"
             totals[name] = totals.get(name, 0.0) + (run.end_time - run.start_time).total_seconds()
     return {name: round(seconds, 3) for name, seconds in sorted(totals.items())}

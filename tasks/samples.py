@@ -8,10 +8,12 @@ from prefect import task
 
 from flows.params import TrainingParams, TrainingStatus
 from tasks.context import report_stage, workdir
+from tasks.registration import timed_stage
 from tasks.train import TrainOutput
 
 
 @task(name="make-samples")
+@timed_stage
 def make_samples(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
     """Sample images with the instance prompt, their grid and the loss curve; returns name -> local PNG path."""
     from tasks.report_plots import loss_curve_png

@@ -12,8 +12,8 @@ from prefect import task
 from flows.params import TrainingParams, TrainingStatus
 from flows.records import Manifest, StoredFile, training_prefix, write_manifest
 from tasks.artifacts import publish_model_artifacts
-from tasks.registration import stage_seconds
 from tasks.context import base_model, remove_workdir, report_stage, worker_store
+from tasks.registration import stage_seconds, timed_stage
 from tasks.train import TrainOutput
 
 HASH_CHUNK = 1 << 20
@@ -31,6 +31,7 @@ def sha256_of(path: Path) -> str:
 
 
 @task(name="upload-artifacts", retries=len(STORE_RETRY_DELAYS_S), retry_delay_seconds=STORE_RETRY_DELAYS_S)
+@timed_stage
 def upload_artifacts(training_id: str, files: dict[str, str], folder: str, announce: bool = False) -> dict[str, StoredFile]:
     """Put each local file under ``trainings/<id>/<folder>/``; returns name -> stored file record.
 

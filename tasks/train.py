@@ -18,6 +18,7 @@ from tasks.artifacts import ProgressArtifact
 from tasks.context import base_model, report_stage, worker_settings, worker_store, workdir
 from tasks.gpuslot import gpu_slot
 from tasks.models import resolve_pretrained
+from tasks.registration import timed_stage
 
 if TYPE_CHECKING:
     from tasks.engine_config import ProgressEvent, TrainConfig
@@ -112,6 +113,7 @@ def class_images(params: TrainingParams, config: TrainConfig, entry: BaseModelEn
 
 
 @task(name="train-model")
+@timed_stage
 def train_model(params: TrainingParams, crop_paths: list[str], captions: list[str]) -> TrainOutput:
     """Train the requested model on the crops, resuming from the training's last checkpoint if any."""
     import torch

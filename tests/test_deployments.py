@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prefect import Flow, flow
+from prefect import Flow, flow, task
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_LOGGING_TO_API_ENABLED,
@@ -23,7 +23,7 @@ from stackserver import KEYS, RunningStack
 
 from flows.params import TrainingParams
 from flows.settings import hash_key
-from tasks.registration import tag_own_run
+from tasks.registration import stage_seconds, tag_own_run, timed_stage
 from tasks.sample_photos import write_sample_photos
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -188,3 +188,34 @@ def test_tag_own_run_makes_a_run_the_facade_can_find(stack: RunningStack) -> Non
     assert {"dreamflow", f"training:{params.training_id}", f"owner:{hash_key(KEYS[1])}"} <= set(tags)
     assert params.training_id in listed_ids(stack, KEYS[1])
     assert params.training_id not in listed_ids(stack, KEYS[0])
+
+
+def test_the_manifest_stage_seconds_include_the_stage_that_just_ended(stack: RunningStack) -> None:
+    """Prefect's API hears that a task run ended from its events, a moment later; the stages a run
+    timed itself are in its stage seconds at once (the samples' seconds were missing so)."""
+
+    @task(name="slow-stage")
+    @timed_stage
+    def slow() -> None:
+        time.sleep(0.3)
+
+    @task(name="quick-stage")
+    @timed_stage
+    def quick() -> None:
+        time.sleep(0.05)
+
+    @task(name="read-stages")
+    def read() -> dict[str, float]:
+        return stage_seconds()
+
+    @flow(name="dreamflow-stage-seconds-check")
+    def staged() -> dict[str, float]:
+        slow()
+        quick()
+        quick()  # a second task run of one stage adds up
+        return read()
+
+    with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        seconds = staged()
+    assert set(seconds) == {"slow-stage", "quick-stage"}  # read-stages is still running
+    assert 0.3 <= seconds["slow-stage"] < 5 and 0.1 <= seconds["quick-stage"] < 5
