@@ -43,6 +43,9 @@ def preload() -> float:
     # Nothing here may initialise CUDA (a fork cannot use a CUDA its parent initialised): torch's
     # is_available() then asks NVML, as accelerate's own check does, instead of the CUDA driver.
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    from deployments import deferred_tls
+
+    deferred_tls.install()  # a run's Prefect clients read no CA bundle for a plain-http API (~0.3 s a job)
     import accelerate
     import facenet_pytorch
     import peft
