@@ -88,6 +88,7 @@ def preload() -> float:
     from tasks.resident import preload_models
 
     Image.preinit()  # the image format plugins every job opens and saves with
+    complete_pydantic_models()
 
     # GNU OpenMP's worker threads do not survive a fork: a fork of a process whose torch ran ops on
     # several threads crawls (about 10x slower here) or hangs in its first parallel op. So the
@@ -103,6 +104,27 @@ def preload() -> float:
     gc.collect()
     gc.freeze()
     return time.perf_counter() - started
+
+
+def complete_pydantic_models() -> int:
+    """Build now the validators of every imported pydantic model that defers building them to its
+    first use (most of Prefect's client schemas do): each fork would otherwise build those a run
+    uses again, in its first API calls. Returns how many were built."""
+    import pydantic
+
+    built, pending = 0, list(pydantic.BaseModel.__subclasses__())
+    while pending:
+        model = pending.pop()
+        pending.extend(model.__subclasses__())
+        if getattr(model, "__pydantic_complete__", True):
+            continue
+        try:
+            model.model_rebuild()
+        except Exception as exc:  # noqa: BLE001  (a forward reference not importable yet: left to first use)
+            log.debug("pydantic model %s left to build on first use: %s", model.__qualname__, exc)
+            continue
+        built += 1
+    return built
 
 
 class Runner:
