@@ -85,7 +85,8 @@ def stage_seconds() -> dict[str, float]:
 
     The stages this process ran, as it timed them, plus the finished task runs Prefect records for
     the run that this process did not run (an attempt before a crash): a task that runs twice (the
-    two uploads, or a rerun after a crash) adds up.
+    two uploads, or a rerun after a crash) adds up. A first attempt ran every stage here, and its
+    stage seconds need no API call.
     """
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
@@ -93,9 +94,11 @@ def stage_seconds() -> dict[str, float]:
     if run_id is None:
         return {}
     local = _stage_times.get(UUID(run_id), {})
-    with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[UUID(run_id)])))
+    task_runs = []
+    if (flow_run.run_count or 1) > 1:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[UUID(run_id)])))
     totals: dict[str, float] = {}
     for name, seconds in local.values():
         totals[name] = totals.get(name, 0.0) + seconds

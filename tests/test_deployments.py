@@ -219,3 +219,44 @@ def test_the_manifest_stage_seconds_include_the_stage_that_just_ended(stack: Run
         seconds = staged()
     assert set(seconds) == {"slow-stage", "quick-stage"}  # read-stages is still running
     assert 0.3 <= seconds["slow-stage"] < 5 and 0.1 <= seconds["quick-stage"] < 5
+
+
+def test_a_rerun_adds_the_stage_seconds_of_the_attempt_before_it(stack: RunningStack) -> None:
+    """A first attempt times every stage itself; a later one (after a crash, in a new process) reads
+    the earlier attempt's stages back from Prefect."""
+    from tasks import registration
+
+    @task(name="early-stage")
+    @timed_stage
+    def early() -> None:
+        time.sleep(0.2)
+
+    @task(name="late-stage")
+    @timed_stage
+    def late() -> None:
+        time.sleep(0.05)
+
+    @task(name="read-stages")
+    def read() -> dict[str, float]:
+        return stage_seconds()
+
+    @flow(name="dreamflow-stage-seconds-rerun", retries=1, retry_delay_seconds=0)
+    def rerun() -> list[dict[str, float]]:
+        from prefect.runtime import flow_run
+
+        if flow_run.run_count == 1:
+            early()
+            raise RuntimeError("the first attempt dies after its first stage")
+        registration._stage_times.clear()  # what a new process knows of the attempt before
+        late()
+        seen = [read()]
+        deadline = time.monotonic() + 10  # Prefect records early-stage's end from its events
+        while "early-stage" not in seen[-1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen.append(read())
+        return seen
+
+    with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        seconds = rerun()[-1]
+    assert set(seconds) == {"early-stage", "late-stage"}
+    assert 0.2 <= seconds["early-stage"] < 5 and 0.05 <= seconds["late-stage"] < 5
