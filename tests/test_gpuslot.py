@@ -55,7 +55,7 @@ def test_a_503_from_a_busy_sqlite_is_retried_at_once_and_the_slot_is_held_then_f
             if retries:
                 break
     # The request waited for the lock, got its 503 when the lock's holder committed, and was asked
-    # again after 50 ms, not after the 2 s Prefect's own client waits.
+    # again after 10 ms, not after the 2 s Prefect's own client waits.
     assert retries[0] == gpuslot.RETRY_FIRST_S, f"no 503 in {len(HOLD_S)} tries"
     assert waited >= hold_s
 
