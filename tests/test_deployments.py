@@ -190,6 +190,36 @@ def test_tag_own_run_makes_a_run_the_facade_can_find(stack: RunningStack) -> Non
     assert params.training_id not in listed_ids(stack, KEYS[0])
 
 
+def test_a_run_started_with_the_facades_tags_registers_without_an_api_call(
+    stack: RunningStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The facade's runs carry their tags and name from the start: registering them reads nothing."""
+    from prefect import tags as prefect_tags
+
+    from tasks import registration
+
+    params = TrainingParams(training_id=f"tag{uuid.uuid4().hex[:10]}", owner=hash_key(KEYS[1]),
+                            instance_prompt="photo of sks thing", images=["store:uploads/none.png"])
+    calls: list[bool] = []
+    original = registration.get_client
+
+    def counting_client(*args: Any, **kwargs: Any) -> Any:
+        calls.append(True)
+        return original(*args, **kwargs)
+
+    @flow(name="dreamflow-registration-check", flow_run_name=params.training_id)
+    def registered(params: TrainingParams) -> list[str]:
+        return tag_own_run(params)
+
+    monkeypatch.setattr(registration, "get_client", counting_client)  # dreamflow's calls, not the engine's
+    with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        with prefect_tags(*registration.run_tags(params)):
+            tags = registered(params)
+    assert set(registration.run_tags(params)) <= set(tags)
+    assert calls == []
+    assert params.training_id in listed_ids(stack, KEYS[1])
+
+
 def test_the_manifest_stage_seconds_include_the_stage_that_just_ended(stack: RunningStack) -> None:
     """Prefect's API hears that a task run ended from its events, a moment later; the stages a run
     timed itself are in its stage seconds at once (the samples' seconds were missing so)."""
