@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from deployments.prefect_server import server_command
 from flows.settings import Settings
 
 log = logging.getLogger("dreamflow.stack")
@@ -194,8 +195,7 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
         if settings.warm_runner:  # imports torch & co. while the server starts; runs fall back to cold until ready
             stack.spawn("warm-runner", [sys.executable, "-m", "deployments.warm_runner", runner_socket(settings)])
         if not settings.prefect_api_url:
-            server = stack.spawn("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1",
-                                                   "--port", str(settings.prefect_port)])
+            server = stack.spawn("prefect-server", server_command(settings.prefect_port))
             wait_http(f"{settings.prefect_api}/health", 90, server)
         _prepare_pool_and_deployments(stack, prefect)
         for index in range(workers):

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from s3server import WeedS3Server, free_ports
 
-from deployments.stack import Stack, bin_path, start_stack, wait_http
+from deployments.prefect_server import server_command
+from deployments.stack import Stack, start_stack, wait_http
 from flows.settings import Settings
 from flows.store import S3Store
-from s3server import WeedS3Server, free_ports
 
 PREFECT_TRIES = 5
 
@@ -79,8 +80,7 @@ class RunningStack:
 
     def start_prefect_server(self) -> None:
         """Start the Prefect server again on the same port, home and database; wait until it answers."""
-        server = self.stack.spawn("prefect-server", [bin_path("prefect"), "server", "start", "--host", "127.0.0.1",
-                                                     "--port", str(self.settings.prefect_port)])
+        server = self.stack.spawn("prefect-server", server_command(self.settings.prefect_port))
         self.stack.processes.insert(0, self.stack.processes.pop())  # stopped last, as at start
         wait_http(f"{self.settings.prefect_api}/health", 120, server)
 
