@@ -12,8 +12,28 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import httpx
 from stackserver import RunningStack
+
+HOLD_S = (1.0, 2.0, 4.0)
+"""How long a test keeps the write lock, tried in turn until its request met it: the request must
+read before the lock's holder commits, and a busy machine may be slow to send it."""
+
+
+@contextmanager
+def concurrency_limit(stack: RunningStack, slots: int, prefix: str) -> Iterator[str]:
+    """A global concurrency limit of the test's own (trainings of other tests use theirs); its name."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    api = stack.settings.prefect_api
+    httpx.post(f"{api}/v2/concurrency_limits/", json={"name": name, "limit": slots}, timeout=10).raise_for_status()
+    try:
+        yield name
+    finally:
+        httpx.delete(f"{api}/v2/concurrency_limits/{name}", timeout=10)
 
 
 def prefect_database(stack: RunningStack) -> sqlite3.Connection:

@@ -12,22 +12,17 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from sqlitelock import write_while_holding_the_lock
+from sqlitelock import HOLD_S, concurrency_limit, write_while_holding_the_lock
 from stackserver import RunningStack
 
 from tasks import gpuslot
 
-HOLD_S = (1.0, 2.0, 4.0)  # how long the test keeps SQLite's write lock; longer on a busy machine
-
 
 @pytest.fixture
 def limit(stack: RunningStack) -> Iterator[str]:
-    """A one-slot global concurrency limit of this test's own (trainings of other tests use theirs)."""
-    name = f"test-slot-{uuid.uuid4().hex[:8]}"
-    api = stack.settings.prefect_api
-    httpx.post(f"{api}/v2/concurrency_limits/", json={"name": name, "limit": 1}, timeout=10).raise_for_status()
-    yield name
-    httpx.delete(f"{api}/v2/concurrency_limits/{name}", timeout=10)
+    """A one-slot global concurrency limit of this test's own."""
+    with concurrency_limit(stack, 1, "test-slot") as name:
+        yield name
 
 
 def active_slots(stack: RunningStack, name: str) -> int:

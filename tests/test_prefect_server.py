@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from sqlitelock import write_while_holding_the_lock
+from sqlitelock import HOLD_S, concurrency_limit, write_while_holding_the_lock
 from stackserver import RunningStack
 
 from deployments.prefect_server import BusyRetryAfter
-
-HOLD_S = (1.0, 2.0, 4.0)  # how long the test keeps SQLite's write lock; longer on a busy machine
 
 
 def call(app: BusyRetryAfter, status: int, client: tuple[str, int] = ("127.0.0.1", 50000), body: bytes = b"{}",
@@ -71,11 +68,8 @@ def test_other_answers_and_a_wait_the_app_named_pass_unchanged() -> None:
 
 @pytest.fixture
 def limit(stack: RunningStack) -> Iterator[str]:
-    name = f"test-busy-{uuid.uuid4().hex[:8]}"
-    api = stack.settings.prefect_api
-    httpx.post(f"{api}/v2/concurrency_limits/", json={"name": name, "limit": 5}, timeout=10).raise_for_status()
-    yield name
-    httpx.delete(f"{api}/v2/concurrency_limits/{name}", timeout=10)
+    with concurrency_limit(stack, 5, "test-busy") as name:
+        yield name
 
 
 def test_a_prefect_client_that_meets_a_busy_database_asks_again_at_once(stack: RunningStack, limit: str) -> None:
