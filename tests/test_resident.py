@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,15 +77,17 @@ def test_the_warm_runner_preloads_the_configured_models_and_its_forks_train_on_t
 ) -> None:
     """The runner's preload makes `tiny` resident; a fork then trains on it (OpenMP threads set up
     afresh in the fork: a runner that had run torch ops on several threads made its forks crawl)."""
-    from deployments import warm_runner
+    from deployments import deferred_tls, warm_runner
 
     monkeypatch.setenv("DREAMFLOW_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("DREAMFLOW_RESIDENT_MODELS", "tiny")
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this test process's own count
+    monkeypatch.setattr(ssl, "create_default_context", ssl.create_default_context)  # restored after the test
     try:
         warm_runner.preload()
     finally:
         gc.unfreeze()  # the runner freezes what it has for good; this test process goes on
+    assert ssl.create_default_context is deferred_tls.create_default_context  # forks read no CA bundle unasked
     parts = {(Path(folder).name, part) for folder, part, _ in resident.resident()}
     assert parts == {("tiny", "unet"), ("tiny", "vae"), ("tiny", "text_encoder"), ("tiny", "tokenizer")}
     model = Path(resident.resident()[0][0])
