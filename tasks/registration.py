@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import get_client, task
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.runtime import flow_run
 
 from flows.params import TrainingParams
@@ -45,8 +46,6 @@ def timed_stage(fn: F) -> F:
 
 
 def _record(seconds: float) -> None:
-    from prefect.context import TaskRunContext
-
     context = TaskRunContext.get()
     if context is None or context.task_run is None or context.task_run.flow_run_id is None:
         return
@@ -69,16 +68,12 @@ def tag_own_run(params: TrainingParams) -> list[str]:
     shows, and then nothing is read or written; a run its owner deleted (tagged
     ``deleted-owner:<hash>``) is left out of the owner's view.
     """
-    from prefect.context import FlowRunContext
-
     run_id = flow_run.get_id()
     if run_id is None:
         return []
     context = FlowRunContext.get()
     started_as = context.flow_run if context is not None else None
-    if started_as is not None and str(started_as.id) == run_id and started_as.name == params.training_id and (
-        set(run_tags(params)) <= set(started_as.tags)
-    ):
+    if started_as is not None and started_as.name == params.training_id and set(run_tags(params)) <= set(started_as.tags):
         return list(started_as.tags)
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(UUID(run_id))
