@@ -10,7 +10,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_CLIENT_RETRY_JITTER_FACTOR,
+    temporary_settings,
+)
 from sqlitelock import HOLD_S, concurrency_limit, write_while_holding_the_lock
 from stackserver import RunningStack
 
@@ -77,21 +81,27 @@ def test_a_prefect_client_that_meets_a_busy_database_asks_again_at_once(stack: R
     (then 0.2, 0.8 s...); Prefect's client (its own retries on, as the worker and the flow engine
     use it) asks again then, not after 2 s."""
     statuses: list[tuple[int, str | None]] = []
+    sent_at: list[float] = []  # when each request went out
+    answered_at: list[float] = []  # when each answer came back
+
+    def send(request: httpx.Request) -> None:
+        sent_at.append(time.monotonic())
 
     def record(response: httpx.Response) -> None:
+        answered_at.append(time.monotonic())
         statuses.append((response.status_code, response.headers.get("retry-after")))
 
     with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api}):
         for hold_s in HOLD_S:  # the request must read before the lock's holder commits; slow machines need longer
-            statuses.clear()
+            for times in (statuses, sent_at, answered_at):
+                times.clear()
             committer = write_while_holding_the_lock(
                 stack, "UPDATE concurrency_limit_v2 SET updated = updated WHERE name = ?", (limit,), hold_s)
-            started = time.monotonic()
             with get_client(sync_client=True) as client:
+                client._client.event_hooks["request"].append(send)
                 client._client.event_hooks["response"].append(record)
                 lease = client.increment_concurrency_slots_with_lease(
                     names=[limit], slots=1, mode="concurrency", lease_duration=60)
-                elapsed = time.monotonic() - started
                 client.release_concurrency_slots_with_lease(lease_id=lease.json()["lease_id"])
             committer.join()
             if any(status == 503 for status, _ in statuses):
@@ -100,4 +110,12 @@ def test_a_prefect_client_that_meets_a_busy_database_asks_again_at_once(stack: R
     assert busy, f"no 503 in {len(HOLD_S)} tries: {statuses}"
     assert busy == ["0.050", "0.200", "0.800", "3.200", "12.800"][: len(busy)]
     assert statuses[-2][0] == 200  # the slot request, granted on a later try (then the release)
-    assert elapsed < hold_s + 1.2  # Prefect's own back-off would have added 1.6 to 2.4 s per 503
+    # Each busy answer was followed by the next try after the wait it named, not after Prefect's own
+    # back-off (2 s, then 4 s..., give or take 30 %). How many busy answers there are depends on when
+    # the lock's holder commits on this machine; the waits between them do not. The client waits at
+    # least the named time, and up to its jitter factor longer.
+    jitter = PREFECT_CLIENT_RETRY_JITTER_FACTOR.value()
+    waits = [sent_at[n + 1] - answered_at[n] for n, (status, _) in enumerate(statuses) if status == 503]
+    for wait, named in zip(waits, busy, strict=True):
+        assert float(named) - 0.01 <= wait < float(named) * (1 + jitter) + 0.5, (waits, busy)
+    assert waits[0] < 1.0  # Prefect's own first back-off: 2 s less at most 30 %
