@@ -64,7 +64,7 @@ def test_the_gpu_worker_gets_every_setting_and_a_gpu(compose: dict[str, Any]) ->
     assert SPEC_SETTINGS <= set(env)
     assert env["PREFECT_API_URL"] == env["DREAMFLOW_PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert env["DREAMFLOW_STORAGE"] == "s3" and env["DREAMFLOW_S3_ENDPOINT"].startswith("minio:")
-    assert "worker" in worker["command"] and "--pool" in worker["command"]
+    assert worker["command"][:3] == ["python", "-m", "deployments.worker"] and "--pool" in worker["command"]
     assert worker["command"][worker["command"].index("--pool") + 1] == env["DREAMFLOW_WORK_POOL"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]

@@ -1,0 +1,144 @@
+"""The stack's worker polls the moment its pool gets a scheduled run (real Prefect server, real
+event stream, real process worker), and keeps polling on its own when the stream is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import PrefectClient
+from prefect.events.schemas.events import Event, RelatedResource, Resource
+from prefectruns import read_flow_run, state_history, wait_for_final
+from stackserver import RunningStack
+
+from deployments.stack import PROJECT_DIR
+from deployments.worker import WakingProcessWorker, poll_when_woken, subscribe, wakes
+
+POLL_S = "60"  # the worker's own polls: far apart, so a run picked up within seconds was woken for
+
+
+def scheduled(pool: str, event: str = "prefect.flow-run.Scheduled") -> Event:
+    run_id = uuid.uuid4()
+    return Event(
+        occurred=datetime.now(timezone.utc), event=event,
+        resource=Resource({"prefect.resource.id": f"prefect.flow-run.{run_id}"}),
+        related=[RelatedResource({"prefect.resource.id": f"prefect.work-pool.{uuid.uuid4()}",
+                                  "prefect.resource.role": "work-pool", "prefect.resource.name": pool}),
+                 RelatedResource({"prefect.resource.id": f"prefect.work-queue.{uuid.uuid4()}",
+                                  "prefect.resource.role": "work-queue", "prefect.resource.name": pool})],
+    )
+
+
+def test_only_runs_scheduled_in_the_workers_own_pool_wake_it() -> None:
+    assert wakes(scheduled("gpu"), "gpu")
+    assert not wakes(scheduled("other-pool"), "gpu")
+    assert not wakes(scheduled("gpu", event="prefect.flow-run.Running"), "gpu")
+    # a work queue named like the pool is not the pool
+    event = scheduled("gpu")
+    event.related = [r for r in event.related if r.role != "work-pool"]
+    assert not wakes(event, "gpu")
+
+
+def test_wake_ups_during_a_poll_make_one_more_poll_and_a_failed_poll_does_not_stop_them() -> None:
+    polls: list[int] = []
+
+    async def scenario() -> None:
+        wake = asyncio.Event()
+        first_poll_running = asyncio.Event()
+
+        async def poll() -> None:
+            polls.append(len(polls))
+            first_poll_running.set()
+            await asyncio.sleep(0.05)
+            if len(polls) == 1:
+                raise RuntimeError("the server answered 503")
+
+        task = asyncio.create_task(poll_when_woken(wake, poll))
+        wake.set()
+        await first_poll_running.wait()
+        for _ in range(3):  # three runs scheduled while the first poll is under way
+            wake.set()
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert polls == [0, 1]
+
+
+def test_an_unreachable_event_stream_is_subscribed_to_again_later() -> None:
+    async def scenario() -> None:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # nothing listens there
+            await asyncio.wait_for(subscribe("gpu", asyncio.Event(), resubscribe_s=0.01), timeout=3)
+
+    with pytest.raises(TimeoutError):  # it kept trying instead of ending or raising
+        asyncio.run(scenario())
+
+
+def test_the_worker_takes_over_the_process_type_and_the_cli_finds_it() -> None:
+    from prefect.cli._worker_utils import _load_worker_class
+
+    assert WakingProcessWorker.type == "process"
+    assert _load_worker_class("process") is WakingProcessWorker
+
+
+@pytest.fixture
+def pool_worker(stack: RunningStack) -> Iterator[str]:
+    """A worker of a pool of its own that polls only every POLL_S seconds; the pool's name."""
+    pool = f"wake-test-{uuid.uuid4().hex[:8]}"
+    env = {**stack.stack.env, "PREFECT_WORKER_QUERY_SECONDS": POLL_S}
+    log = stack.stack.log_dir / f"{pool}.log"
+    with log.open("ab") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "deployments.worker", "--pool", pool, "--type", "process", "--name", pool],
+            env=env, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "started!" not in log.read_text():
+            assert worker.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # the worker's first poll (at its start) is over; events from before its
+        # subscription are sent to it too (the stream starts a minute back)
+        yield pool
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
+
+
+def noop_deployment_run(api_url: str, pool: str) -> UUID:
+    async def create() -> UUID:
+        async with PrefectClient(api_url) as client:
+            flow_id = await client.create_flow_from_name("dreamflow-noop")
+            deployment_id = await client.create_deployment(
+                flow_id=flow_id, name=pool, work_pool_name=pool, entrypoint="tests/noopflow.py:noop",
+                job_variables={"working_dir": str(PROJECT_DIR)})
+            return (await client.create_flow_run_from_deployment(deployment_id)).id
+
+    return asyncio.run(create())
+
+
+def test_a_run_scheduled_in_the_pool_is_picked_up_at_once_not_at_the_next_poll(
+        stack: RunningStack, pool_worker: str) -> None:
+    api = stack.settings.prefect_api
+    run_id = noop_deployment_run(api, pool_worker)
+    created = read_flow_run(api, run_id).created
+    run = wait_for_final(api, run_id, timeout_s=120)
+    assert run.state is not None and run.state.type.value == "COMPLETED", run.state
+    assert state_history(api, run_id)[:2] == ["Scheduled", "Pending"]
+
+    async def pending_at() -> datetime:
+        async with PrefectClient(api) as client:
+            return next(s.timestamp for s in await client.read_flow_run_states(run_id) if s.name == "Pending")
+
+    picked_up_s = (asyncio.run(pending_at()) - created).total_seconds()
+    assert picked_up_s < 10, f"picked up after {picked_up_s:.1f} s: at a poll ({POLL_S} s apart), not woken"
