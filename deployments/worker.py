@@ -3,7 +3,8 @@
 A Prefect worker finds new flow runs by polling its work pool every ``PREFECT_WORKER_QUERY_SECONDS``,
 so a run waits for the next poll: half the interval on average. This worker also subscribes to the
 server's event stream and polls at once when the server announces a flow run Scheduled in its pool
-(a REST call to the facade, a run started from the UI, a retry). Its regular polls go on as before,
+(a REST call to the facade, a run started from the UI, a retry or a crashed run
+rescheduled). Its regular polls go on as before,
 so a worker whose event stream is down still finds every run; the stack polls less often with it.
 
 Everything else is Prefect's: ``prefect worker start`` starts it (``python -m deployments.worker``
@@ -26,13 +27,14 @@ from prefect.workers.process import ProcessWorker
 
 log = get_logger("dreamflow.worker")  # "prefect.dreamflow.worker": logged as the worker's own lines are
 
-WAKE_EVENT = "prefect.flow-run.Scheduled"
+FLOW_RUN_EVENTS = "prefect.flow-run."  # a flow run's state changes: prefect.flow-run.<state name>
 RESUBSCRIBE_S = 5.0  # after the event stream failed; the worker's own polls go on meanwhile
 
 
 def wakes(event: Any, pool: str) -> bool:
-    """Whether ``event`` announces a flow run scheduled in the work pool named ``pool``."""
-    return event.event == WAKE_EVENT and any(
+    """Whether ``event`` announces a flow run scheduled in the work pool named ``pool``: a new run, or
+    one to run again (Scheduled, AwaitingRetry, a crashed run rescheduled...)."""
+    return event.event.startswith(FLOW_RUN_EVENTS) and event.resource.get("prefect.state-type") == "SCHEDULED" and any(
         resource.get("prefect.resource.role") == "work-pool" and resource.get("prefect.resource.name") == pool
         for resource in event.related
     )
@@ -56,12 +58,13 @@ async def subscribe(pool: str, wake: asyncio.Event, resubscribe_s: float = RESUB
 
     while True:
         try:
-            async with get_events_subscriber(filter=EventFilter(event=EventNameFilter(name=[WAKE_EVENT]))) as events:
+            runs = EventFilter(event=EventNameFilter(prefix=[FLOW_RUN_EVENTS]))
+            async with get_events_subscriber(filter=runs) as events:
                 log.info("listening for runs scheduled in work pool %r", pool)
                 async for event in events:
                     if wakes(event, pool):
                         wake.set()
-        except Exception as exc:  # the server restarting, a proxy without websockets...
+        except Exception as exc:  # noqa: BLE001 - the server restarting, a proxy without websockets...
             log.warning("event stream unavailable (%s); polling only, subscribing again in %.0f s", exc, resubscribe_s)
         await asyncio.sleep(resubscribe_s)
 

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from uuid import UUID
 
 import pytest
@@ -25,11 +25,13 @@ from deployments.worker import WakingProcessWorker, poll_when_woken, subscribe, 
 POLL_S = "60"  # the worker's own polls: far apart, so a run picked up within seconds was woken for
 
 
-def scheduled(pool: str, event: str = "prefect.flow-run.Scheduled") -> Event:
+def scheduled(pool: str, state: str = "Scheduled", state_type: str = "SCHEDULED") -> Event:
+    """A flow-run state change as the server announces it (prefect/server/models/events.py)."""
     run_id = uuid.uuid4()
     return Event(
-        occurred=datetime.now(timezone.utc), event=event,
-        resource=Resource({"prefect.resource.id": f"prefect.flow-run.{run_id}"}),
+        occurred=datetime.now(UTC), event=f"prefect.flow-run.{state}",
+        resource=Resource({"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.state-name": state,
+                           "prefect.state-type": state_type}),
         related=[RelatedResource({"prefect.resource.id": f"prefect.work-pool.{uuid.uuid4()}",
                                   "prefect.resource.role": "work-pool", "prefect.resource.name": pool}),
                  RelatedResource({"prefect.resource.id": f"prefect.work-queue.{uuid.uuid4()}",
@@ -39,8 +41,10 @@ def scheduled(pool: str, event: str = "prefect.flow-run.Scheduled") -> Event:
 
 def test_only_runs_scheduled_in_the_workers_own_pool_wake_it() -> None:
     assert wakes(scheduled("gpu"), "gpu")
+    assert wakes(scheduled("gpu", "AwaitingRetry"), "gpu")  # to run again: a retry, a crashed run rescheduled
     assert not wakes(scheduled("other-pool"), "gpu")
-    assert not wakes(scheduled("gpu", event="prefect.flow-run.Running"), "gpu")
+    assert not wakes(scheduled("gpu", "Running", "RUNNING"), "gpu")
+    assert not wakes(scheduled("gpu", "Pending", "PENDING"), "gpu")
     # a work queue named like the pool is not the pool
     event = scheduled("gpu")
     event.related = [r for r in event.related if r.role != "work-pool"]
