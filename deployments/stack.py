@@ -96,7 +96,24 @@ def stack_env(settings: Settings, key: str) -> dict[str, str]:
         "DREAMFLOW_WORK_POOL": settings.work_pool,
     })
     env.setdefault("HF_HUB_OFFLINE", "1")
+    if not settings.prefect_api_url:
+        env.update(embedded_server_client_env(env))
     return env
+
+
+def embedded_server_client_env(env: dict[str, str]) -> dict[str, str]:
+    """Prefect client settings for the stack's own server, which runs this installation's Prefect.
+
+    Each new Prefect client asks the server's version before its first request and, before its
+    first change, for a CSRF token; every flow run builds several clients (engine, task runs, event
+    and log workers, the GPU slot). The version cannot differ here, and the server hands out no
+    token unless its CSRF protection is on: those answers are known, and a flow run skips 3 to 6
+    requests of about 10-30 ms each. A value set in ``env`` is kept."""
+    csrf_protected = env.get("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "").lower() in ("1", "true", "yes", "on")
+    known = {"PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false"}
+    if not csrf_protected:
+        known["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "false"
+    return {name: env.get(name, value) for name, value in known.items()}
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -19,8 +20,9 @@ from prefect.events.schemas.events import Event, RelatedResource, Resource
 from prefectruns import read_flow_run, state_history, wait_for_final
 from stackserver import RunningStack
 
-from deployments.stack import PROJECT_DIR
+from deployments.stack import PROJECT_DIR, stack_env
 from deployments.worker import WakingProcessWorker, poll_when_woken, subscribe, wakes
+from flows.settings import Settings
 
 POLL_S = "60"  # the worker's own polls: far apart, so a run picked up within seconds was woken for
 
@@ -146,3 +148,30 @@ def test_a_run_scheduled_in_the_pool_is_picked_up_at_once_not_at_the_next_poll(
 
     picked_up_s = (asyncio.run(pending_at()) - created).total_seconds()
     assert picked_up_s < 10, f"picked up after {picked_up_s:.1f} s: at a poll ({POLL_S} s apart), not woken"
+
+
+def test_clients_of_the_embedded_server_skip_its_version_and_csrf_requests(
+        stack: RunningStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stack's own server runs this installation's Prefect with CSRF protection off: its clients
+    skip asking either, and their changes still go through (real server)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import (
+        PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
+        PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED,
+        temporary_settings,
+    )
+
+    env = stack_env(Settings(data_dir=tmp_path), "key")
+    assert env["PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"] == env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "false"
+    assert "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in stack_env(  # another server: Prefect's defaults
+        Settings(data_dir=tmp_path, prefect_api_url="http://prefect.example:4200/api"), "key")
+    monkeypatch.setenv("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "true")  # protected: clients need the token
+    assert "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in stack_env(Settings(data_dir=tmp_path), "key")
+
+    paths: list[str] = []
+    with temporary_settings({PREFECT_CLIENT_CSRF_SUPPORT_ENABLED: False,
+                             PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED: False}):
+        with SyncPrefectClient(stack.settings.prefect_api) as client:
+            client._client.event_hooks["request"].append(lambda request: paths.append(request.url.path))
+            flow_id = client.create_flow_from_name(f"csrf-check-{uuid.uuid4().hex[:6]}")
+    assert flow_id and paths == ["/api/flows/"]  # the change went through, with no other request before it
