@@ -5,8 +5,10 @@ failing to create one is logged and never fails a task.
 
 from __future__ import annotations
 
+import contextvars
 import re
-
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from uuid import UUID
 
 from prefect.artifacts import (
@@ -52,16 +54,22 @@ class ProgressArtifact:
 
 
 def publish_artifacts(training_id: str, kind: str, markdown: str, description: str, images: dict[str, str]) -> None:
-    """One markdown artifact and an image artifact per ``images`` entry; nothing outside a Prefect run."""
+    """One markdown artifact and an image artifact per ``images`` entry, created at the same time
+    (each is one API request; the run waits for the slowest, not their sum); nothing outside a
+    Prefect run."""
     if not in_run():
         return
-    try:
-        create_markdown_artifact(markdown, key=artifact_key(training_id, kind), description=description)
-        for image_kind, url in images.items():
-            create_image_artifact(url, key=artifact_key(training_id, image_kind),
-                                  description=f"{image_kind.replace('-', ' ')} of {training_id}")
-    except Exception as exc:  # noqa: BLE001 - boundary to the Prefect API; the records are stored anyway
-        run_logger().warning("could not publish %s artifacts: %s", kind, exc)
+    creations = [partial(create_markdown_artifact, markdown, key=artifact_key(training_id, kind),
+                         description=description)]
+    creations += [partial(create_image_artifact, url, key=artifact_key(training_id, image_kind),
+                          description=f"{image_kind.replace('-', ' ')} of {training_id}")
+                  for image_kind, url in images.items()]
+    with ThreadPoolExecutor(len(creations)) as pool:  # each in the run's context: the artifact is the run's
+        futures = [pool.submit(contextvars.copy_context().run, create) for create in creations]
+    for future in futures:
+        if future.exception() is not None:  # boundary to the Prefect API; the records are stored anyway
+            run_logger().warning("could not publish %s artifacts: %s", kind, future.exception())
+            return
 
 
 def summary_markdown(manifest: Manifest, links: dict[str, str]) -> str:
