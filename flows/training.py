@@ -52,8 +52,13 @@ def run_training(params: TrainingParams) -> str:
     crops = crop_faces(params, raw)
     captions = caption_images(params, crops)
     trained = train_model(params, crops, captions)
+    # The samples render (on the GPU) while the weights are converted and stored (CPU and network):
+    # a DreamBooth checkpoint's conversion and upload take seconds. Their statuses stay in order:
+    # deploying_model comes once the model files are stored.
+    sampling = make_samples.submit(params, trained)
     exports = convert_weights(params, trained)
     stored = upload_artifacts(params.training_id, exports, "export", announce=True)
-    samples = make_samples(params, trained)
+    report_stage(params.training_id, TrainingStatus.DEPLOYING_MODEL, "sampling", "generating sample images")
+    samples = sampling.result()
     stored_samples = upload_artifacts(params.training_id, samples, "samples")
     return publish_manifest(params, trained, stored, stored_samples)

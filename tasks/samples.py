@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.params import TrainingParams, TrainingStatus
-from tasks.context import report_stage, workdir
+from flows.params import TrainingParams
+from tasks.context import workdir
 from tasks.registration import timed_stage
 from tasks.train import TrainOutput
 
@@ -15,12 +15,13 @@ from tasks.train import TrainOutput
 @task(name="make-samples")
 @timed_stage
 def make_samples(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
-    """Sample images with the instance prompt, their grid and the loss curve; returns name -> local PNG path."""
+    """Sample images with the instance prompt, their grid and the loss curve; returns name -> local PNG path.
+
+    It runs beside the conversion and upload of the weights; the flow reports its status once those end."""
     from tasks.report_plots import loss_curve_png
     from tasks.resident import take_trained
     from tasks.sampling import generate_samples, make_grid
 
-    report_stage(params.training_id, TrainingStatus.DEPLOYING_MODEL, "sampling", "generating sample images")
     trained_unet = take_trained(params.training_id)  # taken in any case: nothing else needs it after this
     dest = workdir(params.training_id, "samples")
     pictures = {"loss_curve": str(loss_curve_png(trained.losses, dest / "loss_curve.png"))}

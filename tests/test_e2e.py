@@ -19,7 +19,7 @@ import pytest
 
 from flows.params import TrainingStatus
 from prefectruns import wait_for_log
-from stackserver import KEYS, RunningStack, data_uri
+from stackserver import KEYS, RunningStack, data_uri, prefect_request
 from tasks.sample_photos import write_sample_photos
 
 ORDER = [s.value for s in TrainingStatus]
@@ -79,6 +79,13 @@ def test_lora_training_from_rest_call_to_loadable_weights(
     run_id = UUID(stack.flow_run(body["training_id"])["id"])  # the samples took the trained UNet, no reload
     assert any("the UNet the training handed over" in line
                for line in wait_for_log(stack.settings.prefect_api, run_id, "samples: pipeline loaded"))
+    # the samples rendered while the weights were converted and stored (the statuses stayed in order)
+    tasks = sorted(prefect_request("POST", f"{stack.settings.prefect_api}/task_runs/filter",
+                                   {"task_runs": {"flow_run_id": {"any_": [str(run_id)]}}}).json(),
+                   key=lambda t: t["start_time"])
+    samples = next(t for t in tasks if t["name"].startswith("make-samples"))
+    model_upload = next(t for t in tasks if t["name"].startswith("upload-artifacts"))  # the first: weights
+    assert samples["start_time"] < model_upload["end_time"], [(t["name"], t["start_time"], t["end_time"]) for t in tasks]
 
     from tasks.sampling import lora_output_difference
     from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
