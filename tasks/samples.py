@@ -17,7 +17,7 @@ from tasks.train import TrainOutput
 def make_samples(params: TrainingParams, trained: TrainOutput) -> dict[str, str]:
     """Sample images with the instance prompt, their grid and the loss curve; returns name -> local PNG path.
 
-    It runs beside the conversion and upload of the weights; the flow reports its status once those end."""
+    It runs while the weights are converted and stored; the flow reports its status once those end."""
     from tasks.report_plots import loss_curve_png
     from tasks.resident import take_trained
     from tasks.sampling import generate_samples, make_grid
