@@ -11,7 +11,7 @@ SIGINT to the forked run (Prefect's cancellation), exits with its exit status, a
 killed outright the lifeline closes and the run kills itself, as a killed child would be gone.
 When no runner answers, it becomes ``python -m prefect.engine`` (os.execv), a cold start.
 
-    python deployments/launch.py /path/to/runner.sock
+    python -S deployments/launch.py /path/to/runner.sock
 """
 
 from __future__ import annotations

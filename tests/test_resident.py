@@ -6,7 +6,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shlex
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 from engine_fixtures import PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401
 from PIL import Image
 
+from flows.settings import Settings
 from tasks import resident
 from tasks.sampling import generate_samples
 from tasks.train_engine import train
@@ -107,3 +110,16 @@ def test_the_warm_runner_preloads_the_configured_models_and_its_forks_train_on_t
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0 and os.read(read, 10) == b"took"
     assert ("tiny", "unet") in {(Path(folder).name, part) for folder, part, _ in resident.resident()}  # the runner keeps its own
+
+
+def test_the_launcher_without_a_runner_becomes_prefects_own_flow_run_process(tmp_path: Path) -> None:
+    """The pool's command starts the launcher without site-packages (``-S``); with no runner to ask, it
+    becomes ``python -m prefect.engine`` with them (here it stops there: no flow run id is given)."""
+    from deployments.stack import launch_command
+
+    command = shlex.split(launch_command(Settings(data_dir=tmp_path, warm_runner=True)))
+    assert command[1] == "-S"
+    command[-1] = str(tmp_path / "no-runner.sock")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__FLOW_RUN")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "prefect/engine.py" in done.stderr, done.stderr[-2000:]
