@@ -79,7 +79,12 @@ def test_wake_ups_during_a_poll_make_one_more_poll_and_a_failed_poll_does_not_st
     assert polls == [0, 1]
 
 
-def test_an_unreachable_event_stream_is_subscribed_to_again_later() -> None:
+def test_an_unreachable_event_stream_is_subscribed_to_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deployments.worker as worker_module
+
+    failures: list[str] = []
+    monkeypatch.setattr(worker_module.log, "warning", lambda message, *args: failures.append(message % args))
+
     async def scenario() -> None:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -88,6 +93,7 @@ def test_an_unreachable_event_stream_is_subscribed_to_again_later() -> None:
 
     with pytest.raises(TimeoutError):  # it kept trying instead of ending or raising
         asyncio.run(scenario())
+    assert len(failures) >= 2 and "event stream unavailable" in failures[0], failures[:3]
 
 
 def test_the_worker_takes_over_the_process_type_and_the_cli_finds_it() -> None:
