@@ -2,10 +2,10 @@
 
 A Prefect worker finds new flow runs by polling its work pool every ``PREFECT_WORKER_QUERY_SECONDS``,
 so a run waits for the next poll: half the interval on average. This worker also subscribes to the
-server's event stream and polls at once when the server announces a flow run Scheduled in its pool
-(a REST call to the facade, a run started from the UI, a retry or a crashed run
-rescheduled). Its regular polls go on as before,
-so a worker whose event stream is down still finds every run; the stack polls less often with it.
+server's event stream and polls at once when the server announces a flow run scheduled in its pool
+(a REST call to the facade, a run started from the UI, a retry, a crashed run rescheduled). Its
+regular polls go on as before, so a worker whose event stream is down still finds every run; the
+stack polls less often with it.
 
 Everything else is Prefect's: ``prefect worker start`` starts it (``python -m deployments.worker``
 takes the same options), with the same pool checks, signal handling and flow-run processes.
