@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prefect import Flow, flow, task
+from prefect import Flow, Task, flow, task
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_LOGGING_TO_API_ENABLED,
@@ -220,23 +220,28 @@ def test_a_run_started_with_the_facades_tags_registers_without_an_api_call(
     assert params.training_id in listed_ids(stack, KEYS[1])
 
 
+def sleeping_stage(name: str, seconds: float) -> Task:
+    """A timed stage (a task named ``name``) that sleeps ``seconds``."""
+
+    @task(name=name)
+    @timed_stage
+    def stage() -> None:
+        time.sleep(seconds)
+
+    return stage
+
+
+@task(name="read-stages")
+def read() -> dict[str, float]:
+    """The flow run's stage seconds, read from inside a task as the manifest's stage does."""
+    return stage_seconds()
+
+
 def test_the_manifest_stage_seconds_include_the_stage_that_just_ended(stack: RunningStack) -> None:
     """Prefect's API hears that a task run ended from its events, a moment later; the stages a run
     timed itself are in its stage seconds at once (the samples' seconds were missing so)."""
 
-    @task(name="slow-stage")
-    @timed_stage
-    def slow() -> None:
-        time.sleep(0.3)
-
-    @task(name="quick-stage")
-    @timed_stage
-    def quick() -> None:
-        time.sleep(0.05)
-
-    @task(name="read-stages")
-    def read() -> dict[str, float]:
-        return stage_seconds()
+    slow, quick = sleeping_stage("slow-stage", 0.3), sleeping_stage("quick-stage", 0.05)
 
     @flow(name="dreamflow-stage-seconds-check")
     def staged() -> dict[str, float]:
@@ -256,19 +261,7 @@ def test_a_rerun_adds_the_stage_seconds_of_the_attempt_before_it(stack: RunningS
     the earlier attempt's stages back from Prefect."""
     from tasks import registration
 
-    @task(name="early-stage")
-    @timed_stage
-    def early() -> None:
-        time.sleep(0.2)
-
-    @task(name="late-stage")
-    @timed_stage
-    def late() -> None:
-        time.sleep(0.05)
-
-    @task(name="read-stages")
-    def read() -> dict[str, float]:
-        return stage_seconds()
+    early, late = sleeping_stage("early-stage", 0.2), sleeping_stage("late-stage", 0.05)
 
     @flow(name="dreamflow-stage-seconds-rerun", retries=1, retry_delay_seconds=0)
     def rerun() -> list[dict[str, float]]:
