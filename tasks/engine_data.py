@@ -44,21 +44,33 @@ class _Crop:
     top_left: tuple[int, int]
 
 
-def build_dataset(
-    config: TrainConfig, images: Sequence[Path], captions: Sequence[str], device: torch.device
-) -> Dataset:
+@dataclass(frozen=True)
+class Pixels:
+    """Images read and squared on the CPU (load_pixels), not yet encoded."""
+
+    images: tuple[Path, ...]
+    batch: torch.Tensor  # (N, 3, res, res) in [-1, 1]
+    crops: tuple[_Crop, ...]
+
+
+def build_dataset(config: TrainConfig, pixels: Pixels, captions: Sequence[str], device: torch.device) -> Dataset:
     """Encode every image and caption once; the VAE and text encoders are dropped afterwards."""
     import torch
 
-    pixels, crops = load_pixels(images, config.resolution)
-    mean, std = encode_latents(config.pretrained_path, pixels, device)
+    mean, std = encode_latents(config.pretrained_path, pixels.batch, device)
     embeddings, pooled, input_ids = encode_prompts(config.pretrained_path, config.family, list(captions), device)
     time_ids = None
     if config.family == "sdxl":
         target = (config.resolution, config.resolution)
-        rows = [list(crop.original_size + crop.top_left + target) for crop in crops]
+        rows = [list(crop.original_size + crop.top_left + target) for crop in pixels.crops]
         time_ids = torch.tensor(rows, dtype=torch.float32, device=device)
     return Dataset(mean, std, embeddings, input_ids, pooled, time_ids)
+
+
+def read_pixels(images: Sequence[Path], resolution: int) -> Pixels:
+    """`images` read, squared to `resolution` and scaled to [-1, 1]: no device, no model."""
+    batch, crops = load_pixels(images, resolution)
+    return Pixels(tuple(Path(image) for image in images), batch, tuple(crops))
 
 
 def load_pixels(images: Sequence[Path], resolution: int) -> tuple[torch.Tensor, list[_Crop]]:

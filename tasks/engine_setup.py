@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.adapters import adapter_config
 from tasks.engine_config import ADAPTER_METHODS, TrainConfig
-from tasks.engine_data import Dataset, build_dataset
+from tasks.engine_data import Dataset, Pixels, build_dataset, read_pixels
 from tasks.master_weights import MasterWeights
 from tasks.resident import take
 
@@ -43,26 +43,56 @@ class Session:
     """The adapter's fp32 master weights when the step computes with bf16 copies (see use_master_weights)."""
 
 
+@dataclass
+class Prepared:
+    """The part of a session that needs no device: the training images read and the trainable
+    models built on the CPU. A job builds it while it waits for its GPU slot (tasks/train.py)."""
+
+    config: TrainConfig
+    pixels: Pixels
+    unet: UNet2DConditionModel
+    text_encoder: Any | None
+
+
+def prepare_session(config: TrainConfig, images: Sequence[Path]) -> Prepared:
+    """Seed every generator with `config.seed`, read `images` and build the trainable UNet (and text
+    encoder) on the CPU. The adapter's initial weights are drawn here, right after the seed, so a
+    training starts from the same weights whenever this runs; the loop draws only from its own
+    generator."""
+    from accelerate.utils import set_seed
+
+    if len(images) == 0:
+        raise ValueError("no images to train on")
+    set_seed(config.seed)
+    pixels = read_pixels(images, config.resolution)
+    return Prepared(config, pixels, load_trainable_unet(config), load_trainable_text_encoder(config))
+
+
 def start_session(
     config: TrainConfig,
     images: Sequence[Path],
     captions: Sequence[str],
     class_images: Sequence[Path] | None,
+    prepared: Prepared | None = None,
 ) -> Session:
+    """The session on the training device; `prepared` (for these images and config) saves building
+    its part again."""
     import torch
-    from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
 
+    if prepared is None:
+        prepared = prepare_session(config, images)
+    elif prepared.config != config or prepared.pixels.images != tuple(Path(image) for image in images):
+        raise ValueError("prepared for another training: prepare_session with this config and these images")
     accelerator = new_accelerator(config.mixed_precision)
-    set_seed(config.seed)
     device = accelerator.device
-    instance = build_dataset(config, images, captions, device)
+    instance = build_dataset(config, prepared.pixels, captions, device)
     prior = None
     if class_images:
-        prior = build_dataset(config, class_images, [config.class_prompt or ""] * len(class_images), device)
+        class_pixels = read_pixels(class_images, config.resolution)
+        prior = build_dataset(config, class_pixels, [config.class_prompt or ""] * len(class_images), device)
     gc.collect()
-    unet = load_trainable_unet(config)
-    text_encoder = load_trainable_text_encoder(config)
+    unet, text_encoder = prepared.unet, prepared.text_encoder
     unet.to(device)  # the optimizer sees the weights where they train (fused AdamW on CUDA)
     if text_encoder is not None:
         text_encoder.to(device)

@@ -119,6 +119,7 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     import torch
 
     from tasks.checkpoints import CheckpointStore
+    from tasks.engine_setup import prepare_session
     from tasks.resident import hand_over_trained
     from tasks.train_engine import train
 
@@ -128,15 +129,18 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     if config.compile_unet:  # compiled kernels survive the flow-run process: later jobs skip compiling
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(worker_settings().data_dir / "cache" / "inductor"))
     report_stage(params.training_id, TrainingStatus.DEPLOYING_GPU, "waiting-for-gpu", "waiting for a free GPU slot")
+    images = [Path(p) for p in crop_paths]
     # One GPU slot per training, across all workers. The lease is renewed while training runs; a
-    # process that died (and so stopped renewing) frees its slot within GPU_LEASE_S.
-    with gpu_slot(GPU_CONCURRENCY_LIMIT, GPU_LEASE_S) as waited:
+    # process that died (and so stopped renewing) frees its slot within GPU_LEASE_S. While the slot
+    # is asked for, the images are read and the trainable model built on the CPU.
+    with gpu_slot(GPU_CONCURRENCY_LIMIT, GPU_LEASE_S, meanwhile=lambda: prepare_session(config, images)) as slot:
         started_at = time.time()
         report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "training",
-                     f"Training Started on {len(crop_paths)} images (GPU slot after {waited:.1f} s)",
+                     f"Training Started on {len(crop_paths)} images (GPU slot after {slot.waited_s:.1f} s; "
+                     f"images and model prepared meanwhile in {slot.meanwhile_s:.1f} s)",
                      step=0, total_steps=params.max_train_steps)
         result = train(
-            config, [Path(p) for p in crop_paths], captions, workdir(params.training_id, "model"),
+            config, images, captions, workdir(params.training_id, "model"), prepared=slot.prepared,
             on_progress=progress_reporter(params.training_id),
             checkpoints=CheckpointStore(worker_store(), f"{training_prefix(params.training_id)}checkpoints"),
             class_images=class_images(params, config, entry),

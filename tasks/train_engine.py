@@ -30,7 +30,7 @@ from tasks.engine_config import (
     check_finite,
 )
 from tasks.engine_data import Dataset
-from tasks.engine_setup import Session, named_trainable, start_session
+from tasks.engine_setup import Prepared, Session, named_trainable, start_session
 
 if TYPE_CHECKING:
     import torch
@@ -48,13 +48,16 @@ def train(
     checkpoints: CheckpointStore | None = None,
     class_images: Sequence[Path] | None = None,
     keep_trained: Callable[[Any], None] | None = None,
+    prepared: Prepared | None = None,
 ) -> TrainResult:
     """Train on `images` (one caption each), save the result into `output_dir`, and describe it.
 
     With `checkpoints`, a checkpoint goes to the store every `config.checkpoint_every` steps and
     a run that finds one there resumes from it. With `class_images`, prior preservation is on.
     With `keep_trained`, an adapter training run in one process hands it its trained UNet (frozen,
-    in eval mode, adapter unmerged) once the weights are saved, instead of dropping it.
+    in eval mode, adapter unmerged) once the weights are saved, instead of dropping it. With
+    `prepared` (engine_setup.prepare_session for this config and these images), the part of the
+    setup that needs no device is already done.
     """
     if len(images) == 0 or len(images) != len(captions):
         raise ValueError(f"need one caption per image, got {len(images)} images and {len(captions)} captions")
@@ -62,7 +65,7 @@ def train(
         raise ValueError("class images need config.class_prompt")
     started = time.perf_counter()
     phases = _Phases()
-    session = start_session(config, images, captions, class_images)
+    session = start_session(config, images, captions, class_images, prepared)
     try:
         start_step, losses = _resume(session, checkpoints)
         phases.mark("setup")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from tasks.kohya import KohyaConversionError, save_kohya_lora, to_kohya
 from tasks.engine_config import TrainConfig, TrainingCancelled, TrainingDiverged, TrainResult
-from tasks.engine_setup import cuda_graphs_off
+from tasks.engine_setup import cuda_graphs_off, prepare_session
 from tasks.train_engine import _with_float_lr, train
 from tasks.sampling import generate_samples, load_pipeline, lora_output_difference, make_grid, merge_adapters, render
 from engine_fixtures import ATTENTION_PROJECTIONS, PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401 - fixtures
@@ -128,6 +129,25 @@ def test_same_seed_gives_identical_weights(tiny: Path, subject: list[Path], tmp_
     assert first.losses == second.losses
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_a_training_prepared_while_waiting_trains_as_one_prepared_in_place(
+    tiny: Path, subject: list[Path], tmp_path: Path
+) -> None:
+    """A job prepares its images and trainable model while it waits for its GPU slot (tasks/train.py)."""
+    config = make_config(tiny, max_train_steps=4, report_every=2)
+    prepared = prepare_session(config, subject)
+    torch.rand(1000)  # other work in the wait draws from the global generators
+    random.random()
+    ahead = train(config, subject, [PROMPT] * 2, tmp_path / "ahead", prepared=prepared)
+    in_place = train(config, subject, [PROMPT] * 2, tmp_path / "in-place")
+    a, b = load_file(ahead.lora_file), load_file(in_place.lora_file)
+    assert ahead.losses == in_place.losses
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    with pytest.raises(ValueError, match="prepared for another training"):
+        train(config.model_copy(update={"seed": 1}), subject, [PROMPT] * 2, tmp_path / "other", prepared=prepared)
+    with pytest.raises(ValueError, match="prepared for another training"):
+        train(config, subject[:1], [PROMPT], tmp_path / "fewer", prepared=prepared)
 
 
 def test_should_stop_cancels_within_a_step(tiny: Path, subject: list[Path], tmp_path: Path) -> None:
