@@ -107,9 +107,8 @@ def test_work_that_fails_while_the_slot_is_taken_gives_the_request_up(stack: Run
     try:
         with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api}):
             started = time.monotonic()
-            with pytest.raises(RuntimeError, match="bad image"):
-                with gpuslot.gpu_slot(limit, 60, meanwhile=bad_image):
-                    pytest.fail("the block ran without its preparation")
+            with pytest.raises(RuntimeError, match="bad image"), gpuslot.gpu_slot(limit, 60, meanwhile=bad_image):
+                pytest.fail("the block ran without its preparation")
             gave_up_s = time.monotonic() - started
         assert gave_up_s < gpuslot.BUSY_RETRY_S + 1.0  # at the next retry at the latest, not at the slot's freeing
         assert active_slots(stack, limit) == 1  # the other holder's only
@@ -129,9 +128,11 @@ def test_work_that_fails_after_the_slot_was_granted_gives_the_slot_back(stack: R
             time.sleep(0.05)
         raise RuntimeError("out of memory")
 
-    with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api}):
-        with pytest.raises(RuntimeError, match="out of memory"):
-            with gpuslot.gpu_slot(limit, 60, meanwhile=prepare_then_fail):
-                pytest.fail("the block ran without its preparation")
+    with (
+        temporary_settings({PREFECT_API_URL: stack.settings.prefect_api}),
+        pytest.raises(RuntimeError, match="out of memory"),
+        gpuslot.gpu_slot(limit, 60, meanwhile=prepare_then_fail),
+    ):
+        pytest.fail("the block ran without its preparation")
     assert seen_while_preparing[-1] == 1, "the slot was not asked for while the preparation ran"
     assert active_slots(stack, limit) == 0
