@@ -8,9 +8,9 @@ memory (shared copy-on-write) instead of importing them again.
 
 Fork safety: the runner stays single-threaded and never runs a tensor operation (no thread pools
 exist to be copied half-way); it only imports. Each fork takes the launcher's environment,
-working folder and standard streams, refreshes Prefect's settings from that environment
-(dreamflow reads its own when it uses them), and runs Prefect's engine exactly as
-``python -m prefect.engine`` would.
+working folder and standard streams, takes Prefect's settings for that environment (built ahead
+by the runner when an earlier launch had the same one, else afresh; dreamflow reads its own when
+it uses them), and runs Prefect's engine exactly as ``python -m prefect.engine`` would.
 
     python -m deployments.warm_runner /path/to/runner.sock
 """
@@ -29,12 +29,17 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 FORK_TORCH_THREADS = 0  # set by preload()
 log = logging.getLogger("dreamflow.warm_runner")
 FDS_PER_REQUEST = 4  # stdin, stdout, stderr, lifeline
 REAP_EVERY_S = 0.2
+# What Prefect's settings are read from besides PREFECT_* variables (their names in any case):
+# these files in the working folder, and the profiles file. HOME places the profiles file.
+SETTINGS_FILES = (".env", "prefect.toml", "pyproject.toml")
 
 
 def preload() -> float:
@@ -142,6 +147,7 @@ class Runner:
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.runs: dict[int, socket.socket] = {}  # forked pid -> its launcher's connection
         self.stopping = False
+        self.settings: SettingsAhead | None = None  # built for the last launch's environment
 
     def serve(self) -> None:
         while not self.stopping:
@@ -166,7 +172,7 @@ class Runner:
             self.listener.close()
             for other in self.runs.values():
                 other.close()
-            run_forked(conn, context, fds)  # never returns
+            run_forked(conn, context, fds, self.settings)  # never returns
         for fd in fds:
             os.close(fd)
         self.runs[pid] = conn
@@ -175,6 +181,9 @@ class Runner:
         except OSError:
             os.kill(pid, signal.SIGKILL)  # the launcher is gone already
         log.info("forked flow run process %d", pid)
+        if settings_for(self.settings, context["env"], context["cwd"]) is None:
+            # That fork built its own; the next launch with this environment takes these.
+            self.settings = build_settings_ahead(context["env"], context["cwd"])
 
     def reap(self) -> None:
         while self.runs:
@@ -224,7 +233,62 @@ def receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return json.loads(payload), fds
 
 
-def run_forked(conn: socket.socket, context: dict[str, Any], fds: list[int]) -> None:
+@dataclass(frozen=True)
+class SettingsAhead:
+    """Prefect's root settings context as a flow run with this environment and working folder would
+    build it (about 0.1 s of a warm job's start), and what it was built from."""
+
+    key: tuple[Any, ...]
+    context: Any  # prefect.context.SettingsContext
+
+
+def settings_key(env: Mapping[str, str], cwd: str, profiles_path: os.PathLike[str] | str) -> tuple[Any, ...]:
+    """Everything Prefect's settings are read from: the PREFECT_* variables, except the ones Prefect
+    sets for each run (PREFECT__FLOW_RUN_ID and the like, which no setting reads), HOME, and the state
+    of the settings files in ``cwd`` and of the profiles file."""
+    variables = sorted((name.upper(), value) for name, value in env.items()
+                       if name == "HOME" or (name.upper().startswith("PREFECT_") and not name.startswith("PREFECT__")))
+    files = [_file_state(os.path.join(cwd, name)) for name in SETTINGS_FILES] + [_file_state(profiles_path)]
+    return tuple(variables), tuple(files)
+
+
+def _file_state(path: os.PathLike[str] | str) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def build_settings_ahead(env: Mapping[str, str], cwd: str) -> SettingsAhead | None:
+    """Prefect's root settings context under ``env`` in ``cwd``, built here as a fork builds it
+    (this process's environment and folder are put back after); None when that fails."""
+    import prefect.context
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        context = prefect.context.root_settings_context()
+        return SettingsAhead(settings_key(env, cwd, context.settings.profiles_path), context)
+    except Exception as exc:  # noqa: BLE001  (the forks then build their own, as without it)
+        log.warning("could not build Prefect's settings ahead: %s", exc)
+        return None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+
+
+def settings_for(ahead: SettingsAhead | None, env: Mapping[str, str], cwd: str) -> Any | None:
+    """The settings context built ahead, if it was built for this environment and folder."""
+    if ahead is None or ahead.key != settings_key(env, cwd, ahead.context.settings.profiles_path):
+        return None
+    return ahead.context
+
+
+def run_forked(conn: socket.socket, context: dict[str, Any], fds: list[int], settings: SettingsAhead | None) -> None:
     """In the forked process: become the launcher's flow run, then exit with the engine's status."""
     code = 1
     try:
@@ -239,7 +303,7 @@ def run_forked(conn: socket.socket, context: dict[str, Any], fds: list[int]) -> 
         os.environ.update(context["env"])
         os.chdir(context["cwd"])
         set_torch_threads()
-        code = run_engine()  # sys.stdout/stderr write to fds 1 and 2: the launcher's streams now
+        code = run_engine(settings)  # sys.stdout/stderr write to fds 1 and 2: the launcher's streams now
     except BaseException:  # noqa: BLE001  (whatever happens, the fork must exit here)
         import traceback
 
@@ -279,14 +343,20 @@ def shut_down_like_an_interpreter() -> None:
         traceback.print_exc()
 
 
-def run_engine() -> int:
-    """``python -m prefect.engine`` in this (already importing) process, with today's environment."""
+def run_engine(settings: SettingsAhead | None = None) -> int:
+    """``python -m prefect.engine`` in this (already importing) process, with today's environment and
+    Prefect's settings for it (``settings`` when built for it)."""
     import runpy
 
     import prefect.context
 
-    prefect.context.refresh_global_settings_context()  # dreamflow's own settings are read when used
+    ahead = settings_for(settings, os.environ, os.getcwd())
+    if ahead is not None:
+        prefect.context.GLOBAL_SETTINGS_CONTEXT = ahead
+    else:
+        prefect.context.refresh_global_settings_context()  # dreamflow's own settings are read when used
     os.environ["DREAMFLOW_WARM_START"] = "1"
+    os.environ["DREAMFLOW_WARM_SETTINGS"] = "ahead" if ahead is not None else "built"
     sys.argv = ["prefect.engine"]
     sys.modules.pop("prefect.engine", None)  # run its __main__ block afresh
     try:

@@ -121,5 +121,6 @@ def notify_webhook(training_id: str, url: str, status: str, logs: str, error: st
 def process_start_line() -> str:
     """How this flow-run process started: forked from the warm runner, or a cold Python start."""
     if os.environ.get("DREAMFLOW_WARM_START") == "1":
-        return "warm start: forked from the warm runner (torch, diffusers and Prefect already imported)"
+        ahead = "; Prefect's settings built ahead" if os.environ.get("DREAMFLOW_WARM_SETTINGS") == "ahead" else ""
+        return f"warm start: forked from the warm runner (torch, diffusers and Prefect already imported{ahead})"
     return "cold start: a fresh Python process (imports torch, diffusers and Prefect itself)"

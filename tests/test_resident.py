@@ -123,3 +123,46 @@ def test_the_launcher_without_a_runner_becomes_prefects_own_flow_run_process(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__FLOW_RUN")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0 and "prefect/engine.py" in done.stderr, done.stderr[-2000:]
+
+
+def test_prefect_settings_built_ahead_serve_only_launches_with_the_same_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner builds Prefect's settings for the environment of its last launch; a fork takes
+    them only when its own environment and working folder give the same, and builds its own
+    otherwise."""
+    from prefect.settings import Settings as PrefectSettings
+
+    from deployments import warm_runner
+
+    monkeypatch.chdir(tmp_path)
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("PREFECT_")}
+    env = {**base, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "DEBUG",
+           "PREFECT__FLOW_RUN_ID": "run-1", "PREFECT__CONTROL_TOKEN": "token-1"}
+    first_run, next_run = tmp_path / "run-1", tmp_path / "run-2"
+    first_run.mkdir()
+    next_run.mkdir()
+    before = dict(os.environ)
+    ahead = warm_runner.build_settings_ahead(env, str(first_run))
+    assert ahead is not None and dict(os.environ) == before and Path.cwd() == tmp_path  # the runner's own kept
+    assert ahead.context.settings.logging.level == "DEBUG"
+    assert ahead.context.settings.home == tmp_path / "home"
+
+    # Another run of the same deployment: its own run variables and empty working folder.
+    same = {**env, "PREFECT__FLOW_RUN_ID": "run-2", "PREFECT__CONTROL_TOKEN": "token-2", "OTHER": "x"}
+    assert warm_runner.settings_for(ahead, same, str(next_run)) is ahead.context
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # what Prefect builds from them is the same
+    os.environ.clear()
+    os.environ.update(same)
+    assert PrefectSettings() == ahead.context.settings
+
+    # Anything Prefect's settings read that differs: the fork builds its own.
+    assert warm_runner.settings_for(ahead, {**same, "PREFECT_LOGGING_LEVEL": "INFO"}, str(next_run)) is None
+    assert warm_runner.settings_for(ahead, {**same, "prefect_api_url": "http://x"}, str(next_run)) is None
+    assert warm_runner.settings_for(ahead, {**same, "HOME": "/elsewhere"}, str(next_run)) is None
+    (next_run / "prefect.toml").write_text('[logging]\nlevel = "ERROR"\n')
+    assert warm_runner.settings_for(ahead, same, str(next_run)) is None
+    (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "home" / "profiles.toml").write_text('active = "other"\n[profiles.other]\n')
+    assert warm_runner.settings_for(ahead, same, str(first_run)) is None
+    assert warm_runner.settings_for(None, same, str(first_run)) is None
