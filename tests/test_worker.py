@@ -21,7 +21,7 @@ from prefectruns import read_flow_run, state_history, wait_for_final
 from stackserver import RunningStack
 
 from deployments.stack import PROJECT_DIR, stack_env
-from deployments.worker import WakingProcessWorker, poll_when_woken, subscribe, wakes
+from deployments.worker import WakingProcessWorker, poll_when_woken, remember_settings_environment, subscribe, wakes
 from flows.settings import Settings
 
 POLL_S = "60"  # the worker's own polls: far apart, so a run picked up within seconds was woken for
@@ -181,3 +181,35 @@ def test_clients_of_the_embedded_server_skip_its_version_and_csrf_requests(
             client._client.event_hooks["request"].append(lambda request: paths.append(request.url.path))
             flow_id = client.create_flow_from_name(f"csrf-check-{uuid.uuid4().hex[:6]}")
     assert flow_id and paths == ["/api/flows/"]  # the change went through, with no other request before it
+
+
+def test_the_worker_turns_its_settings_into_environment_variables_once_per_settings_object(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.settings.base import PrefectBaseSettings
+
+    original = PrefectBaseSettings.to_environment_variables
+    monkeypatch.setattr(PrefectBaseSettings, "to_environment_variables", original)  # put back after the test
+    settings = get_current_settings()
+    expected = original(settings, exclude_unset=True)
+    calls: list[int] = []
+
+    def counted(self: PrefectBaseSettings, *args: object, **kwargs: object) -> dict[str, str]:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrefectBaseSettings, "to_environment_variables", counted)
+    remember_settings_environment()
+    first = settings.to_environment_variables(exclude_unset=True)
+    first["PREFECT_API_URL"] = "changed by a caller"  # callers update their own copy
+    again = settings.to_environment_variables(exclude_unset=True)
+    assert first != again == expected
+    assert settings.to_environment_variables() == original(settings)  # other arguments: their own
+    root_calls = len(calls)
+    settings.to_environment_variables(exclude_unset=True)
+    assert len(calls) == root_calls  # nothing computed again
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}):  # another settings object
+        assert get_current_settings().to_environment_variables(exclude_unset=True)["PREFECT_API_URL"] == \
+            "http://127.0.0.1:1/api"
+    assert settings.to_environment_variables(exclude_unset=True) == expected
