@@ -7,6 +7,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import State
 
 from flows.params import TrainingParams, TrainingStatus
+from tasks.artifacts import artifacts_in_background
 from tasks.caption import caption_images
 from tasks.context import check_run_count, process_start_line, report_stage
 from tasks.convert import convert_weights
@@ -48,19 +49,20 @@ def run_training(params: TrainingParams) -> str:
     get_run_logger().info(process_start_line())
     check_run_count(params.training_id)
     tag_own_run(params)  # runs started from the UI or a schedule become visible to their owner
-    raw = fetch_images(params)
-    crops = crop_faces(params, raw)
-    captions = caption_images(params, crops)
-    trained = train_model(params, crops, captions)
-    # The weights are converted and stored (CPU and network: seconds for a DreamBooth checkpoint)
-    # while the samples render. The samples stay on this thread: torch's CPU kernels (OpenMP) run
-    # 1.7x slower on another. Statuses stay in order: deploying_model once the model files are stored.
-    converting = convert_weights.submit(params, trained)
-    storing = upload_artifacts.submit(params.training_id, converting, "export", announce=True)
-    samples = make_samples(params, trained)
-    converting.result()  # a failed conversion fails the run with its own error, not its upload's
-    stored = storing.result()
-    report_stage(params.training_id, TrainingStatus.DEPLOYING_MODEL, "publishing",
-                 "sample images generated; storing them and publishing the model")
-    stored_samples = upload_artifacts(params.training_id, samples, "samples")
-    return publish_manifest(params, trained, stored, stored_samples)
+    with artifacts_in_background():  # the UI's views of the crops and the model: ready when the run ends
+        raw = fetch_images(params)
+        crops = crop_faces(params, raw)
+        captions = caption_images(params, crops)
+        trained = train_model(params, crops, captions)
+        # The weights are converted and stored (CPU and network: seconds for a DreamBooth checkpoint)
+        # while the samples render. The samples stay on this thread: torch's CPU kernels (OpenMP) run
+        # 1.7x slower on another. Statuses stay in order: deploying_model once the model files are stored.
+        converting = convert_weights.submit(params, trained)
+        storing = upload_artifacts.submit(params.training_id, converting, "export", announce=True)
+        samples = make_samples(params, trained)
+        converting.result()  # a failed conversion fails the run with its own error, not its upload's
+        stored = storing.result()
+        report_stage(params.training_id, TrainingStatus.DEPLOYING_MODEL, "publishing",
+                     "sample images generated; storing them and publishing the model")
+        stored_samples = upload_artifacts(params.training_id, samples, "samples")
+        return publish_manifest(params, trained, stored, stored_samples)

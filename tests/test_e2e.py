@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from flows.params import TrainingStatus
-from prefectruns import wait_for_log
+from prefectruns import wait_for_final, wait_for_log
 from stackserver import KEYS, RunningStack, data_uri, prefect_request
 from tasks.sample_photos import write_sample_photos
 
@@ -94,6 +94,8 @@ def test_lora_training_from_rest_call_to_loadable_weights(
     for lora in (diffusers_file, kohya_file):
         assert lora_output_difference(str(tiny), lora, PROMPT, seed=0, resolution=TINY_RESOLUTION) > 0.5
 
+    # What a person sees on the run's page once it has ended (artifacts are created while the run goes on).
+    assert wait_for_final(stack.settings.prefect_api, run_id).state.type.value == "COMPLETED"
     artifacts = {a["key"]: a for a in stack.artifacts(body["training_id"])}
     training = body["training_id"].lower()
     assert {f"model-summary-{training}", f"sample-grid-{training}", f"loss-curve-{training}",
