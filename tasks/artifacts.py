@@ -84,10 +84,11 @@ def artifacts_in_background() -> Iterator[None]:
             _warn_on_failure(kind, futures)
 
 
-def publish_artifacts(training_id: str, kind: str, markdown: str, description: str, images: dict[str, str]) -> None:
+def publish_artifacts(training_id: str, kind: str, markdown: str, description: str, images: dict[str, str],
+                      wait: bool = False) -> None:
     """One markdown artifact and an image artifact per ``images`` entry, created at the same time
-    (each is one API request; the run waits for the slowest, not their sum, or for none of them
-    inside ``artifacts_in_background``); nothing outside a Prefect run."""
+    (each is one API request; the run waits for the slowest, not their sum, or, inside
+    ``artifacts_in_background`` and unless ``wait``, for none of them); nothing outside a Prefect run."""
     if not in_run():
         return
     creations = [partial(create_markdown_artifact, markdown, key=artifact_key(training_id, kind),
@@ -95,7 +96,7 @@ def publish_artifacts(training_id: str, kind: str, markdown: str, description: s
     creations += [partial(create_image_artifact, url, key=artifact_key(training_id, image_kind),
                           description=f"{image_kind.replace('-', ' ')} of {training_id}")
                   for image_kind, url in images.items()]
-    background = _background.get()
+    background = None if wait else _background.get()
     pool = background.pool if background is not None else ThreadPoolExecutor(len(creations))
     # Each in the run's context (this task's, even once it has ended): the artifact is the task's.
     futures = [pool.submit(contextvars.copy_context().run, create) for create in creations]

@@ -136,8 +136,8 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     with gpu_slot(GPU_CONCURRENCY_LIMIT, GPU_LEASE_S, meanwhile=lambda: prepare_session(config, images)) as slot:
         started_at = time.time()
         report_stage(params.training_id, TrainingStatus.TRAINING_STARTED, "training",
-                     f"Training Started on {len(crop_paths)} images (GPU slot after {slot.waited_s:.1f} s; "
-                     f"images and model prepared meanwhile in {slot.meanwhile_s:.1f} s)",
+                     f"Training Started on {len(crop_paths)} images (GPU slot after {slot.waited_s:.2f} s; "
+                     f"images and model prepared meanwhile in {slot.meanwhile_s:.2f} s)",
                      step=0, total_steps=params.max_train_steps)
         result = train(
             config, images, captions, workdir(params.training_id, "model"), prepared=slot.prepared,
