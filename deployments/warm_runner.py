@@ -246,8 +246,9 @@ def settings_key(env: Mapping[str, str], cwd: str, profiles_path: os.PathLike[st
     """Everything Prefect's settings are read from: the PREFECT_* variables, except the ones Prefect
     sets for each run (PREFECT__FLOW_RUN_ID and the like, which no setting reads), HOME, and the state
     of the settings files in ``cwd`` and of the profiles file."""
-    variables = sorted((name.upper(), value) for name, value in env.items()
-                       if name == "HOME" or (name.upper().startswith("PREFECT_") and not name.startswith("PREFECT__")))
+    upper = {name.upper(): value for name, value in env.items()}
+    variables = sorted((name, value) for name, value in upper.items()
+                       if name == "HOME" or (name.startswith("PREFECT_") and not name.startswith("PREFECT__")))
     files = [_file_state(os.path.join(cwd, name)) for name in SETTINGS_FILES] + [_file_state(profiles_path)]
     return tuple(variables), tuple(files)
 

@@ -46,7 +46,7 @@ class _Crop:
 
 @dataclass(frozen=True)
 class Pixels:
-    """Images read and squared on the CPU (load_pixels), not yet encoded."""
+    """Images read and squared on the CPU (read_pixels), not yet encoded."""
 
     images: tuple[Path, ...]
     batch: torch.Tensor  # (N, 3, res, res) in [-1, 1]
@@ -68,13 +68,8 @@ def build_dataset(config: TrainConfig, pixels: Pixels, captions: Sequence[str], 
 
 
 def read_pixels(images: Sequence[Path], resolution: int) -> Pixels:
-    """`images` read, squared to `resolution` and scaled to [-1, 1]: no device, no model."""
-    batch, crops = load_pixels(images, resolution)
-    return Pixels(tuple(Path(image) for image in images), batch, tuple(crops))
-
-
-def load_pixels(images: Sequence[Path], resolution: int) -> tuple[torch.Tensor, list[_Crop]]:
-    """Images as a float tensor (N, 3, res, res) in [-1, 1], with each image's crop geometry."""
+    """`images` read, squared to `resolution` and scaled to [-1, 1] (a float tensor (N, 3, res, res)),
+    with each image's crop geometry: no device, no model."""
     import numpy as np
     import torch
 
@@ -84,7 +79,7 @@ def load_pixels(images: Sequence[Path], resolution: int) -> tuple[torch.Tensor, 
         arrays.append(np.asarray(image, dtype=np.float32))
         crops.append(crop)
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return batch / 127.5 - 1.0, crops
+    return Pixels(tuple(Path(image) for image in images), batch / 127.5 - 1.0, tuple(crops))
 
 
 def _square_image(path: Path, resolution: int) -> tuple[Any, _Crop]:

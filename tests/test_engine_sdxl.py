@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from engine_fixtures import PROMPT, config_for, one_torch_thread, subject  # noqa: F401
-from tasks.engine_data import load_pixels
+from tasks.engine_data import read_pixels
 from tasks.sampling import generate_samples, lora_output_difference
 from tasks.tiny_models import TINY_SDXL_RESOLUTION, build_tiny_sdxl
 from tasks.train_engine import train
@@ -31,8 +31,9 @@ def test_tiny_sdxl_has_two_encoders_and_a_text_time_unet(tiny_sdxl: Path) -> Non
 
 
 def test_crop_geometry_feeds_the_time_ids(subject: list[Path]) -> None:
-    pixels, crops = load_pixels(subject, 64)
-    assert pixels.shape == (2, 3, 64, 64)
+    pixels = read_pixels(subject, 64)
+    crops = pixels.crops
+    assert pixels.batch.shape == (2, 3, 64, 64)
     assert crops[0].original_size == (512, 512) and crops[0].top_left == (0, 0)
     assert crops[1].original_size == (200, 300) and crops[1].top_left == (0, 16)  # 96x64, centre-cropped
 
