@@ -7,7 +7,8 @@ from fastapi.responses import FileResponse
 
 from api.deps import SettingsDep, StoreDep
 from api.errors import ApiError
-from flows.store import InvalidKey, LocalStore, ObjectNotFound, verify_link
+from flows.store import InvalidKey, ObjectNotFound
+from flows.store_local import LocalStore, verify_link
 
 router = APIRouter()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.store import S3Store
+from flows.store_s3 import S3Store
 from s3server import WeedS3Server
 from stackserver import RunningStack
 

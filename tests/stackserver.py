@@ -16,7 +16,7 @@ from s3server import WeedS3Server, free_ports
 from deployments.prefect_server import server_command
 from deployments.stack import Stack, start_stack, wait_http
 from flows.settings import Settings
-from flows.store import S3Store
+from flows.store_s3 import S3Store
 
 PREFECT_TRIES = 5
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows.store import LocalStore
+from flows.store_local import LocalStore
 from tasks.captioning import (
     BlipCaptioner,
     CaptionModelUnavailable,

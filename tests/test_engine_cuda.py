@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine_fixtures import PROMPT, config_for, stop_after, subject, tiny  # noqa: F401 - fixtures
-from flows.store import LocalStore
+from flows.store_local import LocalStore
 from tasks.checkpoints import CheckpointStore
 from tasks.engine_config import TrainConfig, TrainingCancelled, TrainResult
 from tasks.tiny_models import TINY_SDXL_RESOLUTION, build_tiny_sdxl

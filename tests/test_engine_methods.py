@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine_fixtures import ATTENTION_PROJECTIONS, PROMPT, config_for, one_torch_thread, subject, tiny  # noqa: F401
-from flows.store import LocalStore
+from flows.store_local import LocalStore
 from tasks import prior, sampling
 from tasks.sampling import lora_output_difference, pipeline_output_difference
 from tasks.train_engine import train

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine_fixtures import PROMPT, config_for, one_torch_thread, stop_after, subject, tiny  # noqa: F401
-from flows.store import LocalStore
+from flows.store_local import LocalStore
 from tasks.checkpoints import CheckpointStore
 from tasks.engine_config import TrainingCancelled
 from tasks.train_engine import train

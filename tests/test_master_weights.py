@@ -16,7 +16,7 @@ import torch
 from engine_fixtures import PROMPT, config_for, one_torch_thread, stop_after, subject, tiny  # noqa: F401 - fixtures
 from safetensors.torch import load_file
 
-from flows.store import LocalStore
+from flows.store_local import LocalStore
 from tasks import engine_setup
 from tasks.checkpoints import CheckpointStore
 from tasks.engine_config import ADAPTER_METHODS, TrainConfig, TrainingCancelled

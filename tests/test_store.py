@@ -11,20 +11,19 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 import pytest
+from s3server import WeedS3Server, free_ports
 
 from flows.settings import Settings
 from flows.store import (
     InvalidKey,
-    LocalStore,
     ObjectNotFound,
     ObjectStore,
-    S3Store,
     StorageError,
     StorageUnavailable,
     store_from_settings,
-    verify_link,
 )
-from s3server import WeedS3Server, free_ports
+from flows.store_local import LocalStore, verify_link
+from flows.store_s3 import S3Store
 
 SECRET = b"test-link-secret"
 PUBLIC_URL = "http://dreamflow.test:8000"
