@@ -51,6 +51,34 @@ def preload() -> float:
     from deployments import deferred_tls
 
     deferred_tls.install()  # a run's Prefect clients read no CA bundle for a plain-http API (~0.3 s a job)
+    import_job_modules()
+    import torch
+    from PIL import Image
+
+    from flows.settings import get_settings
+    from tasks.resident import preload_models
+
+    Image.preinit()  # the image format plugins every job opens and saves with
+    complete_pydantic_models()
+
+    # GNU OpenMP's worker threads do not survive a fork: a fork of a process whose torch ran ops on
+    # several threads crawls (about 10x slower here) or hangs in its first parallel op. So the
+    # runner loads on one thread, never starts a thread team, and each fork sets the usual count.
+    global FORK_TORCH_THREADS
+    FORK_TORCH_THREADS = torch.get_num_threads()
+    torch.set_num_threads(1)
+    preload_models([name.strip() for name in get_settings().resident_models.split(",") if name.strip()])
+    # What is here now lives as long as the runner: keep the collector off it, in here and in every
+    # fork. A fork's full collections then walk only its own job's objects (about 1.5 s less per
+    # job on the 2-core machine: four collections over every imported module's objects), and
+    # walking them no longer touches, and so copies, the pages the forks share with the runner.
+    gc.collect()
+    gc.freeze()
+    return time.perf_counter() - started
+
+
+def import_job_modules() -> None:
+    """Import the libraries and modules a flow run uses, so that no fork imports them again."""
     import accelerate
     import facenet_pytorch
     import peft
@@ -88,27 +116,6 @@ def preload() -> float:
     import tasks.report_plots
     import tasks.sampling
     import tasks.train_engine
-    from flows.settings import get_settings
-    from PIL import Image
-    from tasks.resident import preload_models
-
-    Image.preinit()  # the image format plugins every job opens and saves with
-    complete_pydantic_models()
-
-    # GNU OpenMP's worker threads do not survive a fork: a fork of a process whose torch ran ops on
-    # several threads crawls (about 10x slower here) or hangs in its first parallel op. So the
-    # runner loads on one thread, never starts a thread team, and each fork sets the usual count.
-    global FORK_TORCH_THREADS
-    FORK_TORCH_THREADS = torch.get_num_threads()
-    torch.set_num_threads(1)
-    preload_models([name.strip() for name in get_settings().resident_models.split(",") if name.strip()])
-    # What is here now lives as long as the runner: keep the collector off it, in here and in every
-    # fork. A fork's full collections then walk only its own job's objects (about 1.5 s less per
-    # job on the 2-core machine: four collections over every imported module's objects), and
-    # walking them no longer touches, and so copies, the pages the forks share with the runner.
-    gc.collect()
-    gc.freeze()
-    return time.perf_counter() - started
 
 
 def complete_pydantic_models() -> int:
