@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
 from flows.prefect_once import BUSY_STATUS, async_client, send_once
-from flows.records import APP_TAG, owner_tag, training_tag
+from flows.records import APP_TAG, deleted_tag, owner_tag, training_tag
 
 log = logging.getLogger("dreamflow.gateway")
 
@@ -256,12 +256,14 @@ class PrefectGateway:
         await self._call(lambda: self._client.set_flow_run_state(run.flow_run_id, state, force=True))
         return started
 
-    async def forget_training(self, run: TrainingRun, owner: str) -> None:
-        """Take the run out of its owner's view (the run stays in Prefect's record, marked deleted)."""
+    async def forget_training(self, run: TrainingRun, owner: str) -> TrainingRun:
+        """Take the run out of its owner's view (the run stays in Prefect's record, marked deleted);
+        returns the run as it is now (its state read afresh)."""
         self.forget_cached(run.training_id, owner)
         current = await self._call(lambda: self._client.read_flow_run(run.flow_run_id))
-        tags = [t for t in current.tags if t != owner_tag(owner)] + [f"deleted-owner:{owner}"]
+        tags = [t for t in current.tags if t != owner_tag(owner)] + [deleted_tag(owner)]
         await self._call(lambda: self._client.update_flow_run(run.flow_run_id, tags=tags))
+        return _as_training_run(current)
 
     async def start_cleanup(self, training_id: str, run: TrainingRun, reason: str) -> None:
         """Queue the cleanup flow that waits for the run to end, then removes its artifacts."""

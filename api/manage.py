@@ -70,11 +70,17 @@ for _path in ("/cancle_training/{training_id}", "/cancel_training/{training_id}"
 
 
 @router.post("/finetune/delete/{training_id}", response_model=MessagePublic, openapi_extra=KEY_BODY)
-async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep) -> MessagePublic:
+async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep) -> MessagePublic:
     """Cancel the training if it runs, forget its id at once, and remove every stored artifact."""
-    run = await owned_run(gateway, training_id, owner)
-    await gateway.forget_training(run, owner)
+    run = await gateway.forget_training(await owned_run(gateway, training_id, owner), owner)
     if run.state in ACTIVE:
-        await gateway.cancel_training(run, owner)
+        running = await gateway.cancel_training(run, owner)
+    else:
+        running = run.state == StateType.CANCELLING
+    if not running:
+        # Ended, or never started: no process writes any more, so the files (and every link to them)
+        # go now, even while the workers are busy. The cleanup run below sweeps once more.
+        await asyncio.to_thread(store.delete_prefix, training_prefix(training_id))
     await gateway.start_cleanup(training_id, run, "deleted")
-    return MessagePublic(messege="model deleted", data=f"model {training_id} deleted; its files are being removed")
+    files = "its files are being removed" if running else "its files are removed"
+    return MessagePublic(messege="model deleted", data=f"model {training_id} deleted; {files}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -92,16 +93,26 @@ async def start_with_inputs(
 
 
 async def create(
-    req: TrainingRequest, params: TrainingParams, entry: BaseModelEntry, deployment: str,
+    req: TrainingRequest, params: TrainingParams, registry: dict[str, BaseModelEntry], deployment: str,
     settings: Settings, admission: Admission, store: ObjectStore, idempotency_key: str | None,
 ) -> CreatedPublic:
     """Queue a validated training and answer with its id and the time it is expected to take."""
     key = check_idempotency_key(idempotency_key, req.idempotency_key)
     await check_webhook(req.webhook, settings)
     run = await start_with_inputs(admission, store, settings, deployment, params, key)
-    seconds = job_seconds(params.max_train_steps, entry.seconds_per_step)
-    return CreatedPublic(data=f"it will take upto {eta_text(seconds)}.", training_id=run.training_id,
-                         model_id=run.training_id)
+    return CreatedPublic(data=f"it will take upto {eta_text(first_estimate(run, params, registry))}.",
+                         training_id=run.training_id, model_id=run.training_id)
+
+
+def first_estimate(run: TrainingRun, params: TrainingParams, registry: dict[str, BaseModelEntry]) -> float:
+    """The seconds the run's job is expected to take, from the parameters it was created with: an
+    idempotent replay answers with the first request's estimate, not one for the repeated request."""
+    first = params
+    if run.training_id != params.training_id:
+        with contextlib.suppress(ValidationError):
+            first = TrainingParams.model_validate(run.parameters)
+    entry = registry.get(first.base_model_id) or registry[params.base_model_id]
+    return job_seconds(first.max_train_steps, entry.seconds_per_step)
 
 
 @router.post("/lora_fine_tune", response_model=CreatedPublic, status_code=201,
@@ -112,7 +123,7 @@ async def lora_fine_tune(body: Body, owner: Owner, settings: SettingsDep, admiss
     req = parse(LoraFineTuneRequest, body)
     entry = choose_base_model(req.base_model_id or DEFAULT_BASE_MODELS[req.base_model_type], registry)
     params = lora_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["lora"], settings, admission, store, idempotency_key)
+    return await create(req, params, registry, DEPLOYMENTS["lora"], settings, admission, store, idempotency_key)
 
 
 @router.post("/fine_tune", response_model=CreatedPublic, status_code=201,
@@ -123,7 +134,7 @@ async def fine_tune(body: Body, owner: Owner, settings: SettingsDep, admission: 
     req = parse(FineTuneRequest, body)
     entry = choose_base_model(req.base_model_id or DEFAULT_BASE_MODELS["normal"], registry)
     params = dreambooth_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["dreambooth"], settings, admission, store, idempotency_key)
+    return await create(req, params, registry, DEPLOYMENTS["dreambooth"], settings, admission, store, idempotency_key)
 
 
 @router.post("/fine_tune_v2", response_model=CreatedPublic, status_code=201,
@@ -134,7 +145,7 @@ async def fine_tune_v2(body: Body, owner: Owner, settings: SettingsDep, admissio
     req = parse(FineTuneV2Request, body)
     entry = choose_base_model(req.base_model_id or DEFAULT_BASE_MODELS["normal"], registry)
     params = dreambooth_v2_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["dreambooth"], settings, admission, store, idempotency_key)
+    return await create(req, params, registry, DEPLOYMENTS["dreambooth"], settings, admission, store, idempotency_key)
 
 
 @sandbox_router.post("/fine_tune", response_model=CreatedPublic, status_code=201,
@@ -145,4 +156,4 @@ async def sandbox_fine_tune(body: Body, owner: Owner, settings: SettingsDep, adm
     req = parse(LoraFineTuneRequest, body)
     entry = registry[SANDBOX_MODEL]
     params = sandbox_params(req, owner, settings, entry)
-    return await create(req, params, entry, DEPLOYMENTS["sandbox"], settings, admission, store, idempotency_key)
+    return await create(req, params, registry, DEPLOYMENTS["sandbox"], settings, admission, store, idempotency_key)

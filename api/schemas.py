@@ -10,8 +10,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from flows.netguard import http_url_problem
+
 NULLISH = {"", "null", "none", "undefined"}
-IMAGE_SCHEMES = ("http://", "https://", "data:image/")
+DATA_IMAGE = "data:image/"
 MAX_PROMPT_CHARS = 2000
 
 
@@ -79,18 +81,29 @@ class TrainingRequest(ClientRequest):
     @field_validator("images")
     @classmethod
     def _check_images(cls, images: list[str]) -> list[str]:
-        bad = [i for i, url in enumerate(images) if not isinstance(url, str) or not url.startswith(IMAGE_SCHEMES)]
-        if bad:
-            raise ValueError(f"entries {bad} are not http(s) URLs or data:image URIs")
+        problems = [f"entry {i}: {problem}" for i, url in enumerate(images) if (problem := _image_problem(url))]
+        if problems:
+            raise ValueError("; ".join(problems))
         return images
 
     @field_validator("webhook")
     @classmethod
     def _check_webhook(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) URL")
+        problem = None if url is None else http_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
         return url
 
+
+def _image_problem(url: Any) -> str | None:
+    """Why an ``images`` entry cannot be used: neither a ``data:image/`` URI nor a well-formed http(s) URL."""
+    if not isinstance(url, str):
+        return "not a string"
+    if url.startswith(DATA_IMAGE):
+        return None
+    if not url.lower().startswith(("http://", "https://")):
+        return "not an http(s) URL or a data:image URI"
+    return http_url_problem(url)
 
 
 class FineTuneRequest(TrainingRequest):

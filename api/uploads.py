@@ -18,7 +18,7 @@ from api.examples import BASE64_CROP_EXAMPLE, openapi_body
 from api.schemas import Base64CropRequest, ErrorPublic, UploadPublic
 from api.training_params import DEFAULT_BASE_MODELS
 from api.imagesize import ImageSizeError, check_pixels
-from flows.imagebytes import STORE_SCHEME, InlineImageError, decode_base64_image
+from flows.imagebytes import STORE_SCHEME, InlineImageError, decode_base64_image, too_small
 from flows.settings import Settings
 from flows.store import ObjectStore
 
@@ -27,12 +27,15 @@ MIME = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".gif"
 
 
 def decode_checked_image(payload: str, max_bytes: int, max_pixels: int) -> tuple[bytes, str]:
-    """Bytes and extension of a base64 image whose header declares at most ``max_pixels`` pixels."""
+    """Bytes and extension of a base64 image whose header declares at most ``max_pixels`` pixels, and
+    at least MIN_IMAGE_SIDE on its shorter side."""
     data, ext = decode_base64_image(payload, max_bytes)
     try:
-        check_pixels(data, ext, max_pixels)
+        width, height = check_pixels(data, ext, max_pixels)
     except ImageSizeError as exc:
         raise InlineImageError(str(exc)) from None
+    if problem := too_small(width, height):
+        raise InlineImageError(problem)
     return data, ext
 
 

@@ -10,6 +10,14 @@ import binascii
 import urllib.parse
 
 STORE_SCHEME = "store:"
+MIN_IMAGE_SIDE = 64  # pixels on the shorter side: smaller images hold nothing to train on
+
+
+def too_small(width: int, height: int) -> str | None:
+    """Why a ``width`` x ``height`` image is too small to train on, or None when it is large enough."""
+    if min(width, height) >= MIN_IMAGE_SIDE:
+        return None
+    return f"too small: {width}x{height} pixels (at least {MIN_IMAGE_SIDE} on the shorter side)"
 
 
 class InlineImageError(ValueError):

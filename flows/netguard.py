@@ -10,6 +10,8 @@ import socket
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+HTTP_SCHEMES = ("http", "https")
+_NOT_IN_HOST = frozenset(' <>"{}|\\^`')
 
 
 class AddressRefused(ValueError):
@@ -41,12 +43,31 @@ def is_allowed_address(ip: IPAddress) -> bool:
     )
 
 
-def check_public_url(url: str) -> None:
-    """Raise :class:`AddressRefused` unless every address of the URL's host is public."""
-    parts = urlsplit(url)
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` is not an http(s) URL that can be tried, or None when it is one."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- a port that is no number, or out of range, raises here
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme.lower() not in HTTP_SCHEMES:
+        return "not an http(s) URL"
     host = parts.hostname
     if not host:
-        raise AddressRefused("the URL has no host")
+        return "the URL has no host"
+    if any(ch.isspace() or ch in _NOT_IN_HOST or ord(ch) < 32 for ch in host):
+        return f"{host!r} is not a valid host name"
+    return None
+
+
+def check_public_url(url: str) -> None:
+    """Raise :class:`AddressRefused` unless the URL is an http(s) URL and every address of its host is
+    public."""
+    problem = http_url_problem(url)
+    if problem is not None:
+        raise AddressRefused(problem)
+    parts = urlsplit(url)
+    host = parts.hostname or ""
     try:
         addresses = resolve_host(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError, ValueError):

@@ -29,6 +29,13 @@ def owner_tag(owner: str) -> str:
     return f"owner:{owner}"
 
 
+DELETED_TAG_PREFIX = "deleted-owner:"  # replaces owner:<hash> on a deleted training's flow run
+
+
+def deleted_tag(owner: str) -> str:
+    return f"{DELETED_TAG_PREFIX}{owner}"
+
+
 def training_prefix(training_id: str) -> str:
     return f"trainings/{training_id}/"
 

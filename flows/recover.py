@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Failed, Scheduled
 
 from flows.params import TrainingStatus
+from flows.records import DELETED_TAG_PREFIX
 from tasks.context import MAX_RUNS, report_stage
 
 RUN_RESOURCE_PREFIX = "prefect.flow-run."
@@ -53,6 +54,9 @@ def recover_crashed_training(crashed: str) -> str:
         run = client.read_flow_run(run_id)
         if run.state is None or run.state.type != StateType.CRASHED:
             logger.info("flow run %s is %s now, not crashed: nothing to do", run_id, run.state and run.state.name)
+            return "left alone"
+        if any(tag.startswith(DELETED_TAG_PREFIX) for tag in run.tags):
+            logger.info("flow run %s crashed, but its owner deleted the training: not rerun", run_id)
             return "left alone"
         crashed_attempts = attempts([state.type for state in client.read_flow_run_states(run_id)])
         if crashed_attempts < MAX_RUNS:

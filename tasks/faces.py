@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from flows.imagebytes import too_small
+
 if TYPE_CHECKING:
     from facenet_pytorch import MTCNN
 
@@ -159,14 +161,17 @@ def _detection_copy(image: Image.Image) -> tuple[Image.Image, float]:
 def detect_faces(images: Sequence[Image.Image], detector: MTCNN) -> list[np.ndarray]:
     """Face boxes (N x 4 float, x1 y1 x2 y2 in source pixels) with probability >= 0.9.
 
-    Images are downscaled for detection and batched by detection size.
+    Images are downscaled for detection and batched by detection size; one whose detection copy is
+    narrower than the detector's smallest face has none.
     """
     copies = [_detection_copy(image) for image in images]
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, (copy, _) in enumerate(copies):
         groups[copy.size].append(index)
     found: list[np.ndarray] = [np.zeros((0, 4))] * len(images)
-    for indices in groups.values():
+    for size, indices in groups.items():
+        if min(size) < detector.min_face_size:  # no face fits (and MTCNN's image pyramid would be empty)
+            continue
         batch_boxes, batch_probs = detector.detect([copies[i][0] for i in indices])
         for index, boxes, probs in zip(indices, batch_boxes, batch_probs, strict=True):
             found[index] = _confident_boxes(boxes, probs) * copies[index][1]
@@ -261,8 +266,9 @@ def crop_images(
     """Decode, crop square and resize each image to ``size`` x ``size``, saved as NN.png.
 
     "person" crops around the largest face, "couple" around the two largest, "object" the
-    centre. Images that cannot be decoded, or (with ``require_face``) have no face in person
-    or couple mode, are dropped with a reason; nothing is raised for a single bad image.
+    centre. Images that cannot be decoded, are too small (``flows.imagebytes.too_small``), or (with
+    ``require_face``) have no face in person or couple mode, are dropped with a reason; nothing is
+    raised for a single bad image.
     Images are decoded and detected ``batch_size`` at a time. Results are in the order of
     ``paths``.
     """
@@ -278,9 +284,14 @@ def crop_images(
         decoded: list[tuple[int, Path, Image.Image]] = []
         for index, path in chunk:
             try:
-                decoded.append((index, Path(path), load_rgb(Path(path), max_pixels)))
+                image = load_rgb(Path(path), max_pixels)
             except ImageDecodeError as exc:
                 results[index] = CropResult(Path(path), None, False, False, exc.reason, None)
+                continue
+            if problem := too_small(*image.size):
+                results[index] = CropResult(Path(path), None, False, False, problem, None)
+            else:
+                decoded.append((index, Path(path), image))
         images = [image for _, _, image in decoded]
         wants_faces = detector is not None and mode != "object"
         faces = detect_faces(images, detector) if wants_faces else None

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from hostile_inputs import data_uri, small_jpeg
 from stackserver import KEYS, RunningStack
 
 GOOD = {"instance_prompt": "photo of sks person", "base_model_id": "tiny",
@@ -57,6 +58,12 @@ def test_auth_and_unknown_ids(stack: RunningStack, path: str, payload: dict, hea
         ({**GOOD, "webhook": "ftp://x"}, "webhook"),
         ({**GOOD, "images": ["data:image/png;base64,aGVsbG8gd29ybGQ="]}, "images"),  # "hello world"
         ({**GOOD, "images": ["data:image/png;base64,%%%not-base64"]}, "images"),
+        ({**GOOD, "images": [data_uri(small_jpeg(8), "image/jpeg")]}, "images"),  # too small to train on
+        ({**GOOD, "images": ["http://"]}, "images"),  # no host
+        ({**GOOD, "images": ["https://exa mple .com/<>"]}, "images"),
+        ({**GOOD, "images": ["https://example.com:99999/a.jpg"]}, "images"),
+        ({**GOOD, "webhook": "http://[::1"}, "webhook"),  # these two were 500s once
+        ({**GOOD, "webhook": "https://[zz]/hook"}, "webhook"),
     ],
 )
 def test_invalid_create_requests_start_nothing(stack: RunningStack, payload: dict, field: str) -> None:

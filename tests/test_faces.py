@@ -18,6 +18,7 @@ from tasks.faces import (
     ImageDecodeError,
     MIN_FACE_PROBABILITY,
     crop_images,
+    detect_faces,
     load_face_detector,
     load_rgb,
     square_around,
@@ -168,9 +169,9 @@ def test_images_without_faces(tmp_path: Path, detector) -> None:  # noqa: ANN001
 
 
 def test_object_mode_needs_no_detector(tmp_path: Path) -> None:
-    source = save(Image.new("RGB", (100, 60), (10, 200, 10)), tmp_path / "a.png")
+    source = save(Image.new("RGB", (100, 64), (10, 200, 10)), tmp_path / "a.png")
     [result] = crop_images([source], tmp_path / "o", size=32, mode="object")
-    assert result.kept and result.box == (20, 0, 80, 60)
+    assert result.kept and result.box == (18, 0, 82, 64)
     assert Image.open(result.path).getpixel((16, 16)) == (10, 200, 10)
 
 
@@ -248,6 +249,29 @@ def test_broken_files_are_dropped_not_raised(tmp_path: Path, detector) -> None: 
     assert results[0].reason == "not a recognised image format"
     assert results[1].reason.startswith("could not decode")
     assert results[2].path == tmp_path / "o" / "02.png"
+
+
+def test_too_small_images_are_dropped_and_the_rest_still_crop(tmp_path: Path, detector) -> None:  # noqa: ANN001
+    # An 8x8 image once crashed the whole batch inside MTCNN (its image pyramid was empty).
+    tiny = save(astronaut().resize((8, 8)), tmp_path / "tiny.png")
+    sliver = save(astronaut().resize((3000, 40)), tmp_path / "sliver.png")
+    smallest = save(astronaut().resize((64, 64)), tmp_path / "smallest.png")
+    good = save(astronaut(), tmp_path / "good.png")
+    for mode in ("person", "object"):
+        results = crop_images([tiny, sliver, smallest, good], tmp_path / mode, size=64, mode=mode,
+                              require_face=False, detector=detector)
+        assert [r.kept for r in results] == [False, False, True, True], mode
+        assert results[0].reason == "too small: 8x8 pixels (at least 64 on the shorter side)"
+        assert results[1].reason == "too small: 3000x40 pixels (at least 64 on the shorter side)"
+        assert results[3].face_found is (mode == "person")
+
+
+def test_detection_copies_narrower_than_a_face_have_none(detector) -> None:  # noqa: ANN001
+    # 64 x 3000 is shrunk to 17 x 800 for detection; both are below MTCNN's 20-pixel smallest face.
+    images = [astronaut().resize((64, 3000)), astronaut().resize((8, 8)), astronaut()]
+    found = detect_faces(images, detector)
+    assert [len(boxes) for boxes in found[:2]] == [0, 0]
+    assert len(found[2]) == 1
 
 
 # --- sample photos ------------------------------------------------------------------------

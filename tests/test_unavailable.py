@@ -12,11 +12,12 @@ import httpx
 import pytest
 
 from deployments.stack import wait_http
+from hostile_inputs import data_uri, small_jpeg
 from s3server import free_ports
 from stackserver import RunningStack
 
 KEY = "unavailable-test-key"
-PNG_1PX = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+PHOTO = data_uri(small_jpeg(64), "image/jpeg")  # the smallest image the facade accepts
 
 
 def start_facade(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
@@ -44,7 +45,7 @@ def test_prefect_unreachable_is_503_and_nothing_is_stored(facade_without_prefect
     with httpx.Client(base_url=facade_without_prefect, timeout=60) as client:
         listed = client.post("/api/v3/finetune_list", json={"key": KEY})
         created = client.post("/api/v3/lora_fine_tune", json={
-            "key": KEY, "instance_prompt": "photo of sks person", "base_model_id": "tiny", "images": [PNG_1PX]})
+            "key": KEY, "instance_prompt": "photo of sks person", "base_model_id": "tiny", "images": [PHOTO]})
     for response in (listed, created):
         assert response.status_code == 503, response.text
         body = response.json()
@@ -62,7 +63,7 @@ def test_storage_unreachable_is_503(stack: RunningStack, tmp_path: Path) -> None
         before = stack.flow_run_count()
         with httpx.Client(base_url=base, timeout=60) as client:
             created = client.post("/api/v3/lora_fine_tune", json={
-                "key": KEY, "instance_prompt": "photo of sks person", "base_model_id": "tiny", "images": [PNG_1PX]})
+                "key": KEY, "instance_prompt": "photo of sks person", "base_model_id": "tiny", "images": [PHOTO]})
         assert created.status_code == 503, created.text
         assert "storage is unreachable" in created.json()["messege"]
         assert stack.flow_run_count() == before
