@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 TrainingType = Literal["men", "female", "women", "couple"]
+TRAINING_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # it names storage folders and work folders
 Method = Literal["lora", "lycoris", "loha", "lokr", "dreambooth"]
 
 
@@ -35,8 +36,16 @@ class TrainingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    training_id: str = Field(description="Id handed to the client (also the model id).", min_length=4, max_length=32)
-    owner: str = Field("ui", description="Owner: the hash of the API key that created it, or a name for UI runs.")
+    training_id: str = Field(
+        description="Id handed to the client (also the model id): 4-32 letters, digits, '-' or '_'. A new "
+                    "training needs an id no other training uses.",
+        min_length=4, max_length=32, pattern=TRAINING_ID_PATTERN,
+    )
+    owner: str = Field(
+        "ui",
+        description="Owner: the hash of the API key whose client may see the training (the first 24 hex "
+                    "digits of the key's SHA-256), or a name for runs only the UI shows.",
+    )
     method: Method = Field("lora", description="lora, lycoris (= loha), loha, lokr or dreambooth (full fine-tune).")
     instance_prompt: str = Field(description="Prompt naming the subject, e.g. 'photo of sks person'.", min_length=1)
     class_prompt: str | None = Field(None, description="Prompt naming the class, e.g. 'photo of person'.")
@@ -48,7 +57,11 @@ class TrainingParams(BaseModel):
     max_train_steps: int = Field(200, ge=1, description="Training steps.")
     rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(4.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
-    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Learning rate of the UNet (or its adapter).")
+    learning_rate: float | None = Field(
+        None, gt=0, le=1.0,
+        description="Learning rate of the UNet (or its adapter); empty: the base model's default for the method "
+                    "(e.g. 1e-4 for a LoRA, 2e-6 for DreamBooth on SD 1.5).",
+    )
     text_encoder_learning_rate: float = Field(1e-6, gt=0, le=1.0, description="Learning rate of the text encoder.")
     text_encoder_steps: int = Field(0, ge=0, description="Steps the text encoder trains (DreamBooth); 0 keeps it frozen.")
     half_precision: bool = Field(False, description="Export DreamBooth checkpoints in fp16 (half the size).")

@@ -42,7 +42,7 @@ class RegistryError(ValueError):
     """The registry file is missing or malformed."""
 
 
-class UnknownBaseModel(KeyError):
+class UnknownBaseModel(LookupError):
     """A ``base_model_id`` the registry does not list."""
 
 
@@ -67,4 +67,5 @@ def lookup(registry: dict[str, BaseModelEntry], base_model_id: str) -> BaseModel
     try:
         return registry[base_model_id]
     except KeyError:
-        raise UnknownBaseModel(base_model_id) from None
+        known = ", ".join(sorted(registry))
+        raise UnknownBaseModel(f"unknown base model {base_model_id!r}; known: {known}") from None

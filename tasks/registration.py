@@ -14,14 +14,21 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import get_client, task
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
+from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.runtime import flow_run
+from prefect.states import State
 
 from flows.params import TrainingParams
-from flows.records import APP_TAG, owner_tag, training_tag
+from flows.records import APP_TAG, DELETED_TAG_PREFIX, owner_tag, read_manifest, training_tag
+from flows.registry import UnknownBaseModel
+from tasks.context import base_model, worker_settings, worker_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+GOING = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING}
 _stage_times: dict[UUID, dict[UUID, tuple[str, float]]] = {}
 """Flow run id -> task run id -> (stage, wall seconds) of the stages this process ran."""
 
@@ -59,14 +66,31 @@ def run_tags(params: TrainingParams) -> list[str]:
     return [APP_TAG, training_tag(params.training_id), owner_tag(params.owner)]
 
 
-@task(name="register-run", retries=3, retry_delay_seconds=[1, 2, 5])
+class TrainingRefused(ValueError):
+    """A run that must not train as asked: its training id is another run's, or it exceeds the limits."""
+
+
+def _unless_refused(task: Any, task_run: Any, state: State) -> bool:
+    """Retry condition: a refusal is final; anything else (the API busy, say) is worth another try."""
+    try:
+        state.result()
+    except TrainingRefused:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure may pass on a retry
+        return True
+    return True
+
+
+@task(name="register-run", retries=3, retry_delay_seconds=[1, 2, 5], retry_condition_fn=_unless_refused)
 @timed_stage
 def tag_own_run(params: TrainingParams) -> list[str]:
     """Add the facade's tags to the current flow run and name it by the training id; returns its tags.
 
     Runs the facade created already carry them, as the run's context (read when the run started)
-    shows, and then nothing is read or written; a run its owner deleted (tagged
-    ``deleted-owner:<hash>``) is left out of the owner's view.
+    shows, and then nothing is read or written (the facade checked the request). Any other run (the
+    Prefect UI, a schedule, a parent flow) is first checked as the facade would check it
+    (:func:`check_claim`). A run its owner deleted (tagged ``deleted-owner:<hash>``) is left out of
+    the owner's view.
     """
     run_id = flow_run.get_id()
     if run_id is None:
@@ -76,12 +100,48 @@ def tag_own_run(params: TrainingParams) -> list[str]:
     if started_as is not None and started_as.name == params.training_id and set(run_tags(params)) <= set(started_as.tags):
         return list(started_as.tags)
     with get_client(sync_client=True) as client:
+        check_claim(client, UUID(run_id), params)
         current = client.read_flow_run(UUID(run_id))
         wanted = [t for t in run_tags(params) if f"deleted-{t}" not in current.tags]
         tags = list(dict.fromkeys([*current.tags, *wanted]))
         if tags != list(current.tags) or current.name != params.training_id:
             client.update_flow_run(UUID(run_id), name=params.training_id, tags=tags)
     return tags
+
+
+def check_claim(client: SyncPrefectClient, run_id: UUID, params: TrainingParams) -> None:
+    """Raise :class:`TrainingRefused` for a run the facade would not have started: over the step or
+    image limits, on an unknown base model, or under a training id that another owner's run, a
+    run still going, or a finished model holds. An earlier attempt of the same owner that ended
+    without a model (failed, cancelled) may be retried under its id."""
+    settings = worker_settings()
+    if params.max_train_steps > settings.max_train_steps_limit:
+        raise TrainingRefused(f"max_train_steps {params.max_train_steps} is over this deployment's limit "
+                              f"of {settings.max_train_steps_limit}")
+    if len(params.images) > settings.max_images:
+        raise TrainingRefused(f"{len(params.images)} images; at most {settings.max_images} per training")
+    try:
+        base_model(params.base_model_id)
+    except UnknownBaseModel as exc:
+        raise TrainingRefused(str(exc)) from None
+    others = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[training_tag(params.training_id)]), id=FlowRunFilterId(not_any_=[run_id]),
+    ), limit=50)
+    taken = f"training id {params.training_id!r}"
+    for other in others:
+        if params.owner not in _owners(other.tags):
+            raise TrainingRefused(f"{taken} belongs to another owner's training; choose another id")
+        if other.state is not None and other.state.type in GOING:
+            raise TrainingRefused(f"{taken} is in use by flow run {other.name!r} ({other.state.name}); "
+                                  "wait for it to end or choose another id")
+    if read_manifest(worker_store(), params.training_id) is not None:
+        raise TrainingRefused(f"{taken} already has a finished model; delete it first or choose another id")
+
+
+def _owners(tags: list[str]) -> set[str]:
+    """The owner a training's flow run is tagged with, deleted or not."""
+    prefixes = (owner_tag(""), DELETED_TAG_PREFIX)
+    return {tag.removeprefix(prefix) for tag in tags for prefix in prefixes if tag.startswith(prefix)}
 
 
 def stage_seconds() -> dict[str, float]:

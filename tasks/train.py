@@ -77,9 +77,10 @@ def train_config(params: TrainingParams, entry: BaseModelEntry, pretrained: str,
     from tasks.prior import default_class_prompt
 
     dreambooth = params.method == "dreambooth"
+    default_rate = entry.dreambooth_learning_rate if dreambooth else entry.lora_learning_rate
     return TrainConfig(
         pretrained_path=pretrained, family=entry.family, method=engine_method(params), resolution=entry.resolution,
-        rank=params.rank, alpha=params.alpha, learning_rate=params.learning_rate,
+        rank=params.rank, alpha=params.alpha, learning_rate=params.learning_rate or default_rate,
         text_encoder_learning_rate=params.text_encoder_learning_rate,
         text_encoder_steps=params.text_encoder_steps if dreambooth else 0,
         max_train_steps=params.max_train_steps, seed=params.seed,
@@ -150,7 +151,8 @@ def train_model(params: TrainingParams, crop_paths: list[str], captions: list[st
     report_stage(
         params.training_id, TrainingStatus.TRAINING_SUCCESS, "trained",
         f"Training finished: {result.steps} steps in {result.seconds:.1f} s "
-        f"({', '.join(f'{name} {seconds:.2f} s' for name, seconds in result.phases.items())}), loss {result.final_loss:.4f}",
+        f"({', '.join(f'{name} {seconds:.2f} s' for name, seconds in result.phases.items())}), loss {result.final_loss:.4f}"
+        + (f"; resumed from the checkpoint at step {result.resumed_from}" if result.resumed_from else ""),
         step=result.steps, total_steps=result.steps, loss=result.final_loss,
     )
     weights = result.pipeline_dir if result.pipeline_dir is not None else result.adapter_file

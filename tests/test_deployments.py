@@ -12,17 +12,23 @@ from typing import Any
 
 import pytest
 import yaml
-from prefect import Flow, Task, flow, task
+from prefect import Flow, Task, flow, get_client, task
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_LOGGING_TO_API_ENABLED,
     temporary_settings,
 )
+from prefect.states import State
 from prefectruns import read_deployment, read_flow_run, start_deployment, wait_for_final
 from stackserver import KEYS, RunningStack
 
-from flows.params import TrainingParams
+from pydantic import ValidationError
+
+from flows.params import TRAINING_ID_PATTERN, TrainingParams
+from flows.records import Manifest, write_manifest
 from flows.settings import hash_key
+from tasks import registration
 from tasks.registration import stage_seconds, tag_own_run, timed_stage
 from tasks.sample_photos import write_sample_photos
 
@@ -139,6 +145,12 @@ def test_deployed_parameter_forms_are_typed_and_described(stack: RunningStack, n
     assert undescribed_fields(schema) == []
 
 
+def test_the_dreambooth_form_starts_as_a_dreambooth_training(stack: RunningStack) -> None:
+    deployed = read_deployment(stack.settings.prefect_api, "dreamflow-training/dreambooth")
+    assert deployed.parameters["params"]["method"] == "dreambooth"
+    assert "method" not in read_deployment(stack.settings.prefect_api, "dreamflow-training/lora").parameters.get("params", {})
+
+
 def ui_params(stack: RunningStack, tmp_path: Path, owner_key: str) -> TrainingParams:
     """The form a person fills in: an uploaded photo, the owner set to an API key's hash."""
     photo = write_sample_photos(tmp_path, count=1)[0]
@@ -188,6 +200,66 @@ def test_tag_own_run_makes_a_run_the_facade_can_find(stack: RunningStack) -> Non
     assert {"dreamflow", f"training:{params.training_id}", f"owner:{hash_key(KEYS[1])}"} <= set(tags)
     assert params.training_id in listed_ids(stack, KEYS[1])
     assert params.training_id not in listed_ids(stack, KEYS[0])
+
+
+def register_elsewhere(stack: RunningStack, params: TrainingParams) -> State:
+    """tag_own_run in a flow run started outside the facade (as from the UI); the run's final state."""
+
+    @flow(name="dreamflow-registration-check")
+    def registered(params: TrainingParams) -> list[str]:
+        return tag_own_run(params)
+
+    with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        return registered(params, return_state=True)
+
+
+def register_attempts(stack: RunningStack, state: State) -> list[int]:
+    with temporary_settings({PREFECT_API_URL: stack.settings.prefect_api}), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return [run.run_count for run in runs if run.name.startswith("register-run")]
+
+
+def test_a_run_outside_the_facade_is_refused_what_the_facade_would_refuse(
+    stack: RunningStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UI run may not take over another owner's training id (it would overwrite that owner's model),
+    an id with a finished model, or go past the deployment's limits; each refusal is said in words,
+    at once (not retried), before any image is fetched."""
+    monkeypatch.setattr(registration, "worker_store", lambda: stack.store)  # the stack's store, not this process's
+    first = TrainingParams(training_id=f"claim{uuid.uuid4().hex[:10]}", owner=hash_key(KEYS[1]),
+                           instance_prompt="photo of sks thing", images=["store:uploads/none.png"])
+    assert register_elsewhere(stack, first).is_completed()
+    assert register_elsewhere(stack, first).is_completed()  # its owner may try again under the same id
+    other = {"training_id": f"claim{uuid.uuid4().hex[:10]}"}
+    refusals = {
+        "another owner": (first.model_copy(update={"owner": hash_key(KEYS[0])}),
+                          f"training id {first.training_id!r} belongs to another owner's training"),
+        "steps": (first.model_copy(update={**other, "max_train_steps": 4001}),
+                  "max_train_steps 4001 is over this deployment's limit of 4000"),
+        "images": (first.model_copy(update={**other, "images": ["store:uploads/none.png"] * 31}),
+                   "31 images; at most 30 per training"),
+        "base model": (first.model_copy(update={**other, "base_model_id": "sd-9"}), "unknown base model 'sd-9'; known: "),
+    }
+    for case, (params, words) in refusals.items():
+        state = register_elsewhere(stack, params)
+        assert state.is_failed(), case
+        assert words in str(state.result(raise_on_failure=False)), case
+        assert register_attempts(stack, state) == [1], case  # a refusal is not retried
+
+    write_manifest(stack.store, Manifest(training_id=first.training_id, owner=first.owner, method="lora",
+                                         base_model_id="tiny", family="sd15", instance_prompt="photo of sks thing"))
+    finished = register_elsewhere(stack, first)
+    assert "already has a finished model; delete it first" in str(finished.result(raise_on_failure=False))
+
+
+@pytest.mark.parametrize("training_id", ["../../../escape", "a/b/c", "ab cd", "-lead", "x" * 33, "abc"])
+def test_training_ids_that_would_name_other_folders_are_refused_by_the_form(stack: RunningStack, training_id: str) -> None:
+    deployed = read_deployment(stack.settings.prefect_api, "dreamflow-training/lora")
+    schema = deployed.parameter_openapi_schema
+    field = resolve(schema, schema["properties"]["params"])["properties"]["training_id"]
+    assert field["pattern"] == TRAINING_ID_PATTERN  # the UI's form checks it before a run is created
+    with pytest.raises(ValidationError, match="training_id"):
+        TrainingParams(training_id=training_id, instance_prompt="photo of sks thing", images=["https://e.com/a.jpg"])
 
 
 def test_a_run_started_with_the_facades_tags_registers_without_an_api_call(

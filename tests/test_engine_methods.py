@@ -109,3 +109,22 @@ def test_class_images_are_generated_once_and_reused(
     assert preserved.final_loss != alone.final_loss  # the class term is in the loss
     a, b = load_file(alone.adapter_file), load_file(preserved.adapter_file)
     assert any(not torch.equal(a[key], b[key]) for key in a)
+
+
+def test_an_empty_learning_rate_is_the_base_models_default_for_the_method() -> None:
+    """A UI run that leaves the rate empty gets 2e-6 for DreamBooth, not the LoRA rate (50x too high)."""
+    from flows.params import TrainingParams
+    from flows.registry import load_registry
+    from tasks.train import train_config
+
+    entry = load_registry(None)["sd-1.5"]
+    rates = {}
+    for method in ("lora", "dreambooth"):
+        params = TrainingParams(training_id="rate-check", method=method, instance_prompt="photo of sks dog",
+                                images=["https://example.com/a.jpg"])
+        rates[method] = train_config(params, entry, "unused", cuda=False).learning_rate
+    assert rates == {"lora": entry.lora_learning_rate, "dreambooth": entry.dreambooth_learning_rate}
+    assert entry.dreambooth_learning_rate < entry.lora_learning_rate
+    chosen = TrainingParams(training_id="rate-check", method="dreambooth", instance_prompt="photo of sks dog",
+                            images=["https://example.com/a.jpg"], learning_rate=5e-6)
+    assert train_config(chosen, entry, "unused", cuda=False).learning_rate == 5e-6
