@@ -4,14 +4,17 @@ Layout under a prefix (e.g. `trainings/<id>/checkpoints`):
 
     step-00000010/trainable.safetensors   every trainable tensor (adapter or whole UNet / text encoder)
     step-00000010/state.pt                optimizer, lr scheduler, RNG states, step, loss history
-    latest.json                           {"step": 10, "folder": "step-00000010"}, written last
+    latest.json                           {"step": 10, "folder": "step-00000010", "inputs": "<sha256>"},
+                                          written last
 
 A crash between the files and the pointer leaves the previous checkpoint in force. Older step
-folders are deleted once the pointer has moved on.
+folders are deleted once the pointer has moved on. ``inputs`` identifies what the run trained on
+(:func:`inputs_digest`): a checkpoint made from other images or settings is not resumed from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import tempfile
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
     from flows.store import ObjectStore
@@ -39,6 +44,7 @@ class Checkpoint:
     lr_scheduler: dict[str, Any]
     rng: dict[str, Any]
     losses: list[tuple[int, float]] = field(default_factory=list)
+    inputs: str | None = None  # inputs_digest() of the run that made it (as loaded)
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,19 @@ class CheckpointStore:
 
     store: ObjectStore
     prefix: str
+    inputs: str | None = None  # inputs_digest() of what the run trains on, written with each checkpoint
 
     def key(self, name: str) -> str:
         return f"{self.prefix.rstrip('/')}/{name}"
+
+
+def inputs_digest(settings_json: str, images: Sequence[Path], captions: Sequence[str]) -> str:
+    """sha256 over a training's settings (JSON), its images' bytes and their captions, in order."""
+    digest = hashlib.sha256(settings_json.encode())
+    for image, caption in zip(images, captions, strict=True):
+        digest.update(hashlib.sha256(Path(image).read_bytes()).digest())
+        digest.update(hashlib.sha256(caption.encode()).digest())
+    return digest.hexdigest()
 
 
 def capture_rng(generator: torch.Generator) -> dict[str, Any]:
@@ -111,7 +127,7 @@ def save_checkpoint(target: CheckpointStore, checkpoint: Checkpoint) -> str:
         )
         target.store.put_file(target.key(f"{folder}/{WEIGHTS}"), weights)
         target.store.put_file(target.key(f"{folder}/{STATE}"), state)
-    pointer = json.dumps({"step": checkpoint.step, "folder": folder}).encode()
+    pointer = json.dumps({"step": checkpoint.step, "folder": folder, "inputs": target.inputs}).encode()
     target.store.put_bytes(target.key(POINTER), pointer, content_type="application/json")
     _prune(target, keep=folder)
     return target.key(folder)
@@ -145,4 +161,5 @@ def load_latest(target: CheckpointStore) -> Checkpoint | None:
         lr_scheduler=state["lr_scheduler"],
         rng=state["rng"],
         losses=[(int(step), float(loss)) for step, loss in state["losses"]],
+        inputs=pointer.get("inputs"),
     )

@@ -14,11 +14,20 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.adapters import save_adapter
-from tasks.checkpoints import Checkpoint, CheckpointStore, capture_rng, load_latest, restore_rng, save_checkpoint
+from tasks.checkpoints import (
+    Checkpoint,
+    CheckpointStore,
+    capture_rng,
+    inputs_digest,
+    load_latest,
+    restore_rng,
+    save_checkpoint,
+)
 from tasks.engine_config import (
     ADAPTER_METHODS,
     ProgressCallback,
@@ -67,6 +76,8 @@ def train(
     phases = _Phases()
     session = start_session(config, images, captions, class_images, prepared)
     try:
+        if checkpoints is not None:
+            checkpoints = replace(checkpoints, inputs=run_inputs(config, images, captions))
         start_step, losses = _resume(session, checkpoints)
         phases.mark("setup")
         losses = _run_loop(session, config, start_step, losses, on_progress, should_stop, checkpoints)
@@ -108,12 +119,28 @@ class _Phases:
         self._last = now
 
 
+# Settings that change how a run goes, not what it learns: a rerun may differ in them and resume.
+OPERATIONAL_FIELDS = frozenset({"report_every", "checkpoint_every", "compile_unet", "cuda_graphs",
+                                "gradient_checkpointing"})
+
+
+def run_inputs(config: TrainConfig, images: Sequence[Path], captions: Sequence[str]) -> str:
+    """What a checkpoint must have been made from for this run to resume from it."""
+    return inputs_digest(config.model_dump_json(exclude=set(OPERATIONAL_FIELDS)), images, captions)
+
+
 def _resume(session: Session, checkpoints: CheckpointStore | None) -> tuple[int, list[tuple[int, float]]]:
-    """Load the latest checkpoint into the session; (step it reached, its loss history)."""
+    """Load the latest checkpoint into the session; (step it reached, its loss history). A checkpoint
+    made from other images, captions or settings (an earlier attempt under the same training id)
+    is left alone: the run starts over, and its own first checkpoint replaces it."""
     import torch
 
     checkpoint = load_latest(checkpoints) if checkpoints is not None else None
     if checkpoint is None:
+        return 0, []
+    if checkpoint.inputs != checkpoints.inputs:
+        logger.warning("the checkpoint at step %d was made from other images or settings: starting over",
+                       checkpoint.step)
         return 0, []
     named = named_trainable(session)
     if set(named) != set(checkpoint.trainable):

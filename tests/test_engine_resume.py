@@ -13,7 +13,7 @@ from engine_fixtures import PROMPT, config_for, one_torch_thread, stop_after, su
 from flows.store_local import LocalStore
 from tasks.checkpoints import CheckpointStore
 from tasks.engine_config import TrainingCancelled
-from tasks.train_engine import train
+from tasks.train_engine import run_inputs, train
 
 
 def test_interrupted_and_resumed_run_reaches_the_same_weights(
@@ -31,7 +31,7 @@ def test_interrupted_and_resumed_run_reaches_the_same_weights(
         train(config, subject, [PROMPT] * 2, tmp_path / "first", should_stop=stop_after(5),
               checkpoints=checkpoints)
     pointer = json.loads(store.get_bytes("trainings/t1/checkpoints/latest.json"))
-    assert pointer == {"step": 4, "folder": "step-00000004"}
+    assert pointer == {"step": 4, "folder": "step-00000004", "inputs": run_inputs(config, subject, [PROMPT] * 2)}
     assert {key.split("/")[3] for key in store.list("trainings/t1/checkpoints/step-")} == {"step-00000004"}
 
     resumed = train(config, subject, [PROMPT] * 2, tmp_path / "resumed", checkpoints=checkpoints)
@@ -51,3 +51,39 @@ def test_a_half_written_checkpoint_is_ignored(tiny: Path, subject: list[Path], t
     config = config_for(tiny, max_train_steps=2, report_every=2)
     result = train(config, subject, [PROMPT] * 2, tmp_path / "out", checkpoints=CheckpointStore(store, "ck"))
     assert result.resumed_from == 0 and result.adapter_file.exists()
+
+
+def test_a_checkpoint_of_other_images_or_settings_is_not_resumed_from(
+    tiny: Path, subject: list[Path], tmp_path: Path
+) -> None:
+    """An earlier attempt under the same training id (a retraining run cancelled before its dataset
+    changed, say) left a checkpoint: a run on other inputs starts over instead of taking it."""
+    store = LocalStore(tmp_path / "store", "http://x", b"k")
+    config = config_for(tiny, max_train_steps=4, report_every=2, checkpoint_every=2)
+    with pytest.raises(TrainingCancelled):
+        train(config, subject, [PROMPT] * 2, tmp_path / "first", should_stop=stop_after(3),
+              checkpoints=CheckpointStore(store, "ck"))
+    assert json.loads(store.get_bytes("ck/latest.json"))["step"] == 2
+
+    def left_behind(name: str) -> CheckpointStore:  # a copy of that checkpoint for each run below
+        for key in store.list("ck/"):
+            store.put_bytes(f"{name}/{key}", store.get_bytes(key))
+        return CheckpointStore(store, f"{name}/ck")
+
+    fresh = train(config, subject, [PROMPT] * 2, tmp_path / "fresh")
+    runs = {
+        "other images": train(config, subject[::-1], [PROMPT] * 2, tmp_path / "images",
+                              checkpoints=left_behind("images")),
+        "other captions": train(config, subject, [PROMPT, f"{PROMPT}, smiling"], tmp_path / "captions",
+                                checkpoints=left_behind("captions")),
+        "other settings": train(config.model_copy(update={"learning_rate": 2e-4}), subject, [PROMPT] * 2,
+                                tmp_path / "settings", checkpoints=left_behind("settings")),
+        # the same inputs, with only how often it reports changed: this one resumes
+        "same inputs": train(config.model_copy(update={"report_every": 1}), subject, [PROMPT] * 2,
+                             tmp_path / "same", checkpoints=left_behind("same")),
+    }
+    assert {name: run.resumed_from for name, run in runs.items()} == {
+        "other images": 0, "other captions": 0, "other settings": 0, "same inputs": 2}
+    assert [step for step, _ in runs["other images"].losses] == [step for step, _ in fresh.losses] == [2, 4]
+    assert json.loads(store.get_bytes("images/ck/latest.json"))["inputs"] == run_inputs(
+        config, subject[::-1], [PROMPT] * 2)  # the run's own checkpoint replaced the stale one
