@@ -16,7 +16,7 @@ def cleanup_training(
     """Remove every stored artifact of a cancelled or deleted training (retried until done).
 
     Args:
-        training_id: The training whose files are removed (everything under trainings/<id>/).
+        training_id: The training whose files are removed (everything under trainings/{training_id}/).
         flow_run_id: Its flow run; the cleanup waits until that run has ended.
         reason: "cancelled" also tells the training's webhook; "deleted" does not.
         webhook: The training's webhook URL, if it had one.

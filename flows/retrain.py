@@ -30,11 +30,11 @@ class RetrainParams(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     model_name: str = Field(
-        description="Name of the model; versions are published under models/<name>/v<N>/.",
+        description="Name of the model; versions are published under models/{name}/v{N}/.",
         min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
     )
     dataset_prefix: str = Field(
-        "", description="Store folder holding the training images; empty means datasets/<model_name>/."
+        "", description="Store folder holding the training images; empty means datasets/{model_name}/."
     )
     instance_prompt: str = Field(description="Prompt naming the subject, e.g. 'photo of sks person'.", min_length=1)
     class_prompt: str | None = Field(None, description="Prompt naming the class, e.g. 'photo of person'.")
@@ -78,8 +78,8 @@ def retrain_model(params: RetrainParams) -> State:
     """Retrain a named model from its dataset folder if the images changed since its last version.
 
     An unchanged dataset ends the run at once with a message saying so; a changed one trains
-    ``<name>-v<N>`` (the training flow, as a subflow), publishes ``models/<name>/v<N>/``, writes
-    ``models/<name>/latest.json`` last and deletes all but the newest ``keep_versions`` versions.
+    ``{name}-v{N}`` (the training flow, as a subflow), publishes ``models/{name}/v{N}/``, writes
+    ``models/{name}/latest.json`` last and deletes all but the newest ``keep_versions`` versions.
     """
     snapshot = hash_dataset(params.dataset_prefix)
     plan = compare_with_latest(params.model_name, snapshot)

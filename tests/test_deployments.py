@@ -5,6 +5,8 @@ a run started from that form (not through the facade) belongs to its owner like 
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -143,6 +145,9 @@ def test_deployed_parameter_forms_are_typed_and_described(stack: RunningStack, n
     schema = deployed.parameter_openapi_schema
     assert schema and schema["properties"], f"{name} has no parameter schema"
     assert undescribed_fields(schema) == []
+    # The UI renders descriptions as HTML: "models/<name>/" would show as "models//".
+    shown = json.dumps(schema) + (deployed.description or "")
+    assert re.findall(r"<[A-Za-z_]+>", shown) == [], name
 
 
 def test_the_dreambooth_form_starts_as_a_dreambooth_training(stack: RunningStack) -> None:
