@@ -267,6 +267,33 @@ def test_training_ids_that_would_name_other_folders_are_refused_by_the_form(stac
         TrainingParams(training_id=training_id, instance_prompt="photo of sks thing", images=["https://e.com/a.jpg"])
 
 
+def test_the_cleanup_form_deletes_a_training_named_by_its_id_alone(stack: RunningStack) -> None:
+    """Run from the UI with only a training id (its flow run unknown, or given as a run Prefect does
+    not have), the cleanup removes the training's files and takes it out of its owner's list."""
+    trainings = []
+    for _ in range(2):
+        params = TrainingParams(training_id=f"gone{uuid.uuid4().hex[:10]}", owner=hash_key(KEYS[1]),
+                                instance_prompt="photo of sks thing", images=["store:uploads/none.png"])
+        assert register_elsewhere(stack, params).is_completed()
+        stack.store.put_bytes(f"trainings/{params.training_id}/exports/lora.safetensors", b"weights")
+        trainings.append(params.training_id)
+    assert set(trainings) <= set(listed_ids(stack, KEYS[1]))
+    forms = [{"training_id": trainings[0]}, {"training_id": trainings[1], "flow_run_id": str(uuid.uuid4())}]
+    runs = [start_deployment(stack.settings.prefect_api, "dreamflow-cleanup/cleanup", form) for form in forms]
+    for run_id in runs:
+        assert wait_for_final(stack.settings.prefect_api, run_id).state.is_completed()
+    for training_id in trainings:
+        assert stack.store.list(f"trainings/{training_id}/") == []
+        assert training_id not in listed_ids(stack, KEYS[1])
+    with pytest.raises(Exception, match="does not match"):  # the form's schema refuses it: no run starts
+        start_deployment(stack.settings.prefect_api, "dreamflow-cleanup/cleanup", {"training_id": "../../etc"})
+    # Prefect's schema check leaves formats alone: a run id that is no UUID fails the run, in words
+    bad = start_deployment(stack.settings.prefect_api, "dreamflow-cleanup/cleanup",
+                           {"training_id": trainings[0], "flow_run_id": "not-a-run-id"})
+    state = wait_for_final(stack.settings.prefect_api, bad).state
+    assert state.is_failed() and "flow_run_id" in state.message, state.message
+
+
 def test_a_run_started_with_the_facades_tags_registers_without_an_api_call(
     stack: RunningStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
