@@ -113,9 +113,9 @@ def notify_webhook(training_id: str, url: str, status: str, logs: str, error: st
     """Post one status change to a webhook (retried with backoff; a dead receiver never fails the job)."""
     settings = worker_settings()
     policy = DeliveryPolicy(allow_private=settings.allow_private_networks)
-    delivered = deliver(url, webhook_body(training_id, status, logs, error), settings.webhook_secret, policy)
-    if not delivered:
-        run_logger().warning("webhook %s: status %s not delivered after %d attempts", url, status, policy.attempts)
+    failure = deliver(url, webhook_body(training_id, status, logs, error), settings.webhook_secret, policy)
+    if failure is not None:
+        run_logger().warning("webhook %s: status %s not delivered: %s", url, status, failure)
 
 
 def process_start_line() -> str:

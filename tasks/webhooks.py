@@ -61,8 +61,9 @@ def signed_headers(secret: str | None, message_id: str, payload: bytes) -> dict[
     return headers
 
 
-def deliver(url: str, body: dict[str, str], secret: str | None, policy: DeliveryPolicy) -> bool:
-    """POST ``body`` to ``url`` until a 2xx answer or the attempts run out; True when delivered.
+def deliver(url: str, body: dict[str, str], secret: str | None, policy: DeliveryPolicy) -> str | None:
+    """POST ``body`` to ``url`` until a 2xx answer or the attempts run out; None when delivered, else
+    why not (the address refused, or the last attempt's failure after all of them).
 
     The same ``webhook-id`` is sent on every attempt so receivers can drop duplicates.
     """
@@ -70,21 +71,21 @@ def deliver(url: str, body: dict[str, str], secret: str | None, policy: Delivery
         try:
             check_public_url(url)
         except AddressRefused as exc:
-            log.warning("webhook %s refused: %s", url, exc)
-            return False
+            return f"refused without an attempt: {exc}"
     payload = json.dumps(body, separators=(",", ":")).encode()
     message_id = f"msg_{uuid.uuid4().hex}"
-    delay = policy.backoff_s
+    delay, failure = policy.backoff_s, "no attempt made"
     for attempt in range(1, policy.attempts + 1):
         try:
             response = httpx.post(url, content=payload, headers=signed_headers(secret, message_id, payload),
                                   timeout=policy.timeout_s, follow_redirects=False)
             if 200 <= response.status_code < 300:
-                return True
-            log.warning("webhook %s answered %d (attempt %d)", url, response.status_code, attempt)
+                return None
+            failure = f"answered {response.status_code}"
         except httpx.HTTPError as exc:
-            log.warning("webhook %s failed: %s (attempt %d)", url, exc, attempt)
+            failure = f"failed: {exc}"
+        log.warning("webhook %s %s (attempt %d)", url, failure, attempt)
         if attempt < policy.attempts:
             time.sleep(delay)
             delay *= 2
-    return False
+    return f"{policy.attempts} attempts, the last {failure}"

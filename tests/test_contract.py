@@ -243,6 +243,19 @@ def test_webhook_to_a_private_address_is_refused_by_default() -> None:
             check_public_url(url)
 
 
+def test_an_undelivered_webhook_says_why() -> None:
+    """The run log tells a refused address (no attempt made) from a receiver that never answered."""
+    from s3server import free_ports
+    from tasks.webhooks import DeliveryPolicy, deliver
+
+    body = {"status": "success", "training_status": "training_started", "logs": "", "model_id": "x"}
+    refused = deliver("http://127.0.0.1:9/hook", body, None, DeliveryPolicy())
+    dead = deliver(f"http://127.0.0.1:{free_ports(1)[0]}/hook", body, None,
+                   DeliveryPolicy(attempts=2, backoff_s=0.01, allow_private=True))
+    assert refused is not None and refused.startswith("refused without an attempt: address 127.0.0.1")
+    assert dead is not None and dead.startswith("2 attempts, the last failed: ")
+
+
 def test_unknown_training_ids_are_404_for_every_endpoint(stack: RunningStack) -> None:
     with stack.client() as client:
         for path in ("fine_tune_status", "cancle_training", "cancel_training", "finetune/delete"):
