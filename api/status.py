@@ -47,6 +47,9 @@ def eta_text(seconds: float) -> str:
     return f"{minutes} minute" if minutes == 1 else f"{minutes} minutes"
 
 
+FINAL_LINES = {TrainingStatus.MODEL_READY: "model ready", TrainingStatus.CANCELLED: "training cancelled"}
+
+
 def public_status(run: TrainingRun, stage: StageRecord | None, manifest: Manifest | None) -> TrainingStatus:
     """One of the ten status values, from what Prefect and the store say."""
     if run.state in CANCELLED:
@@ -122,7 +125,7 @@ def compose_status(
     return StatusPublic(
         messege=status.value,
         training_status=status.value,
-        data=data if status != TrainingStatus.MODEL_READY else "model ready",
+        data=FINAL_LINES.get(status, data),
         model_id=run.training_id,
         progress=ProgressPublic(step=step, total_steps=total, percent=round(100.0 * step / total, 1) if total else 0.0),
         eta_seconds=math.ceil(eta) if eta is not None else None,

@@ -51,7 +51,11 @@ class TrainingParams(BaseModel):
     class_prompt: str | None = Field(None, description="Prompt naming the class, e.g. 'photo of person'.")
     negative_prompt: str | None = Field(None, description="Negative prompt for the sample images.")
     base_model_id: str = Field("tiny", description="Key of the base-model registry.")
-    images: list[str] = Field(description="Image URLs, dreamflow links or data: URIs.", min_length=1)
+    images: list[str] = Field(
+        description="Image URLs, dreamflow links (store: keys, or links from base64_crop) or data: URIs. A run's "
+                    "parameters may hold 512 KB in all: upload larger photos first (base64_crop, or the store).",
+        min_length=1,
+    )
     seed: int = Field(0, description="Random seed of training and samples.")
     training_type: TrainingType | None = Field(None, description="men/female/women/couple; empty for objects.")
     max_train_steps: int = Field(200, ge=1, description="Training steps.")

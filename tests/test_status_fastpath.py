@@ -181,7 +181,7 @@ def test_a_training_in_progress_and_its_cancel(facade: InProcessFacade, stack: R
         cancelled = fast(client, url, ALICE).json()  # at once, though the cached answer said "running"
     assert queued["training_status"] in {"deploying_gpu", "training_started"}
     assert running["training_status"] == "training_started" and running["progress"]["total_steps"] == 3000
-    assert cancelled["training_status"] == "cancelled"
+    assert cancelled["training_status"] == "cancelled" and cancelled["data"] == "training cancelled"
     assert same_answer(facade, url, ALICE).json()["training_status"] == "cancelled"
 
 
