@@ -16,6 +16,7 @@ from tasks.datasets import (
     DatasetSnapshot,
     RetrainPlan,
     compare_with_latest,
+    discard_unpublished,
     hash_dataset,
     prune_versions,
     publish_version,
@@ -86,6 +87,7 @@ def retrain_model(params: RetrainParams) -> State:
     run_logger().info("%s: %s", params.model_name, plan.message)
     if not plan.changed:
         return Completed(message=plan.message, data=plan.message)
+    discard_unpublished(plan.training_id)
     run_training(training_params(params, plan, snapshot))
     latest = publish_version(params.model_name, plan, snapshot)
     deleted = prune_versions(params.model_name, params.keep_versions)

@@ -137,6 +137,20 @@ def compare_with_latest(model_name: str, snapshot: DatasetSnapshot) -> RetrainPl
                        message=f"{since}: training v{version} on {len(snapshot.image_keys)} images")
 
 
+@task(name="discard-unpublished", retries=3, retry_delay_seconds=[2, 5, 15])
+def discard_unpublished(training_id: str) -> int:
+    """Remove a finished model of the version about to be trained that was never published (an
+    earlier attempt trained it, then failed to publish it, maybe on other images): the version is
+    trained again from the current dataset. Checkpoints of an unfinished attempt stay (a run resumes
+    from them only when made from the same inputs). Returns the objects removed."""
+    store = worker_store()
+    if read_manifest(store, training_id) is None:
+        return 0
+    removed = store.delete_prefix(training_prefix(training_id))
+    run_logger().info("removed the unpublished model %s of an earlier attempt (%d objects)", training_id, removed)
+    return removed
+
+
 def copy_object(store: ObjectStore, source: StoredFile, dest_key: str, scratch: Path) -> StoredFile:
     """Copy one stored file to ``dest_key`` through a local temp file (model files can be large)."""
     local = store.get_file(source.key, scratch / dest_key.rsplit("/", 1)[-1])

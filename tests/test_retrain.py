@@ -98,3 +98,23 @@ def test_retrains_only_when_the_dataset_changed_and_keeps_the_last_versions(
     assert remaining == {"v2", "latest.json"}
     assert not stack.store.list(f"trainings/{name}-v1/")
     print(f"\nretrain: v1 {first_s:.1f} s, unchanged {unchanged_s:.1f} s, v2 {second_s:.1f} s")
+
+
+def test_a_version_trained_but_never_published_is_trained_again(stack: RunningStack, photos: list[Path]) -> None:
+    """An earlier attempt finished v1's training, then failed before publishing it (perhaps on photos
+    since replaced): the next run trains v1 afresh from the current dataset instead of being refused
+    the id or publishing the stale model."""
+    from flows.records import write_manifest
+
+    name = f"retrain-{uuid.uuid4().hex[:6]}"
+    stack.store.put_file(f"datasets/{name}/{photos[0].name}", photos[0])
+    write_manifest(stack.store, Manifest(training_id=f"{name}-v1", owner="scheduler", method="lora", base_model_id="tiny",
+                                         family="sd15", instance_prompt="photo of the old subject"))
+    stack.store.put_bytes(f"trainings/{name}-v1/exports/stale.safetensors", b"old weights")
+
+    state, message, _, _ = retrain(stack, name)
+    assert state == "COMPLETED", message
+    assert message == f"published {name} v1 (1 images)"
+    published = Manifest.model_validate_json(stack.store.get_bytes(f"models/{name}/v1/manifest.json"))
+    assert published.instance_prompt == "photo of sks thing"
+    assert not stack.store.exists(f"trainings/{name}-v1/exports/stale.safetensors")
