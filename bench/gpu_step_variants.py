@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--captured", type=json.loads, default=None,
                         help='JSON list of option changes to capture instead of the default list, e.g. '
                         '\'[{"channels_last": true, "precision": "bf16-base"}]\'')
+    parser.add_argument("--compile-modes", default="reduce-overhead",
+                        help="comma-separated torch.compile modes of the compiled part, e.g. "
+                             "reduce-overhead,max-autotune (both capture CUDA graphs; max-autotune also "
+                             "searches kernel configurations: minutes more to compile)")
     parser.add_argument("--steps", type=int, default=30, help="timed replays (or eager steps) per variant")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny UNet; with --device cpu, the smoke test of the code")
@@ -223,13 +227,14 @@ def captured_variant(args: argparse.Namespace, options: dict[str, Any], peak: fl
     return with_figures(result, peak, "graph_ms_per_step")
 
 
-def compiled_variant(args: argparse.Namespace, options: dict[str, Any], peak: float | None) -> dict[str, Any]:
+def compiled_variant(args: argparse.Namespace, options: dict[str, Any], peak: float | None,
+                     mode: str = "reduce-overhead") -> dict[str, Any]:
     import torch
 
     torch._dynamo.reset()
     reset_peak()
     cuda = args.device == "cuda"
-    mode = "reduce-overhead" if cuda else "default"
+    mode = mode if cuda else "default"
     step = Step(args, options, compile_mode=mode)
     started = time.perf_counter()
     for _ in range(6):
@@ -328,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         for options in choices:
             attempt(report, "kernel_breakdown", args, lambda o=options: kernel_breakdown(args, o), options)
     if "compiled" in parts:
-        for options in choices:
-            attempt(report, "compiled", args, lambda o=options: compiled_variant(args, o, peak), options)
+        for mode in args.compile_modes.split(","):
+            for options in choices:
+                attempt(report, "compiled", args, lambda o=options, m=mode: compiled_variant(args, o, peak, m),
+                        {**options, "compile_mode": mode})
     write(args, report)
     print(f"wrote {args.out}", flush=True)
     return 0
