@@ -52,7 +52,7 @@ class Outcome:
     error_shape: bool
 
 
-def small_jpeg_data_uri(side: int = 32) -> str:
+def small_jpeg_data_uri(side: int = 64) -> str:
     """A ``side`` x ``side`` JPEG as a data: URI (a few hundred bytes)."""
     from PIL import Image
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"requests": args.requests, "max_queued": args.limit, "endpoint": CREATE_PATH,
                   "client": "one httpx.AsyncClient, all requests at once, one connection each, same machine",
                   "server": "uvicorn, 1 process; Prefect server (SQLite); local storage; no worker",
-                  "image": "one 32x32 JPEG inline as a data: URI per request"},
+                  "image": "one 64x64 JPEG (the smallest the facade accepts) inline as a data: URI per request"},
         **figures,
         "meets_contract": not figures["problems"],
     }
