@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
 from flows.prefect_once import BUSY_STATUS, async_client, send_once
-from flows.records import APP_TAG, deleted_tag, owner_tag, training_tag
+from flows.records import APP_TAG, as_deleted, owner_tag, training_tag
 
 log = logging.getLogger("dreamflow.gateway")
 
@@ -261,7 +261,7 @@ class PrefectGateway:
         returns the run as it is now (its state read afresh)."""
         self.forget_cached(run.training_id, owner)
         current = await self._call(lambda: self._client.read_flow_run(run.flow_run_id))
-        tags = [t for t in current.tags if t != owner_tag(owner)] + [deleted_tag(owner)]
+        tags = as_deleted(current.tags)
         await self._call(lambda: self._client.update_flow_run(run.flow_run_id, tags=tags))
         return _as_training_run(current)
 

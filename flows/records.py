@@ -25,15 +25,31 @@ def training_tag(training_id: str) -> str:
     return f"training:{training_id}"
 
 
+OWNER_TAG_PREFIX = "owner:"
+
+
 def owner_tag(owner: str) -> str:
-    return f"owner:{owner}"
+    return f"{OWNER_TAG_PREFIX}{owner}"
 
 
 DELETED_TAG_PREFIX = "deleted-owner:"  # replaces owner:<hash> on a deleted training's flow run
 
 
-def deleted_tag(owner: str) -> str:
-    return f"{DELETED_TAG_PREFIX}{owner}"
+def as_deleted(tags: list[str]) -> list[str]:
+    """A training run's tags once its owner deleted it: ``owner:<hash>`` becomes ``deleted-owner:<hash>``
+    (out of the owner's list and status; the run stays in Prefect's record)."""
+    return [DELETED_TAG_PREFIX + tag.removeprefix(OWNER_TAG_PREFIX) if tag.startswith(OWNER_TAG_PREFIX) else tag
+            for tag in tags]
+
+
+def tagged_owners(tags: list[str]) -> set[str]:
+    """The owners a training run is tagged with, deleted or not."""
+    return {tag.removeprefix(prefix) for tag in tags for prefix in (OWNER_TAG_PREFIX, DELETED_TAG_PREFIX)
+            if tag.startswith(prefix)}
+
+
+def is_deleted(tags: list[str]) -> bool:
+    return any(tag.startswith(DELETED_TAG_PREFIX) for tag in tags)
 
 
 def training_prefix(training_id: str) -> str:

@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Failed, Scheduled
 
 from flows.params import TrainingStatus
-from flows.records import DELETED_TAG_PREFIX
+from flows.records import is_deleted
 from tasks.context import MAX_RUNS, report_stage
 
 RUN_RESOURCE_PREFIX = "prefect.flow-run."
@@ -55,7 +55,7 @@ def recover_crashed_training(crashed: str) -> str:
         if run.state is None or run.state.type != StateType.CRASHED:
             logger.info("flow run %s is %s now, not crashed: nothing to do", run_id, run.state and run.state.name)
             return "left alone"
-        if any(tag.startswith(DELETED_TAG_PREFIX) for tag in run.tags):
+        if is_deleted(run.tags):
             logger.info("flow run %s crashed, but its owner deleted the training: not rerun", run_id)
             return "left alone"
         crashed_attempts = attempts([state.type for state in client.read_flow_run_states(run_id)])

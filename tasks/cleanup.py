@@ -11,7 +11,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 
-from flows.records import APP_TAG, deleted_tag, owner_tag, training_prefix, training_tag
+from flows.records import APP_TAG, as_deleted, training_prefix, training_tag
 from tasks.context import notify_webhook, remove_workdir, run_logger, worker_store
 
 FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
@@ -53,8 +53,7 @@ def forget_training(training_id: str) -> int:
     changed = 0
     with get_client(sync_client=True) as client:
         for run in _training_runs(client, training_id):
-            tags = [deleted_tag(tag.removeprefix(owner_tag(""))) if tag.startswith(owner_tag("")) else tag
-                    for tag in run.tags]
+            tags = as_deleted(run.tags)
             if tags != run.tags:
                 client.update_flow_run(run.id, tags=tags)
                 changed += 1

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.params import TrainingParams
-from flows.records import APP_TAG, DELETED_TAG_PREFIX, owner_tag, read_manifest, training_tag
+from flows.records import APP_TAG, owner_tag, read_manifest, tagged_owners, training_tag
 from flows.registry import UnknownBaseModel
 from tasks.context import base_model, worker_settings, worker_store
 
@@ -129,19 +129,13 @@ def check_claim(client: SyncPrefectClient, run_id: UUID, params: TrainingParams)
     ), limit=50)
     taken = f"training id {params.training_id!r}"
     for other in others:
-        if params.owner not in _owners(other.tags):
+        if params.owner not in tagged_owners(other.tags):
             raise TrainingRefused(f"{taken} belongs to another owner's training; choose another id")
         if other.state is not None and other.state.type in GOING:
             raise TrainingRefused(f"{taken} is in use by flow run {other.name!r} ({other.state.name}); "
                                   "wait for it to end or choose another id")
     if read_manifest(worker_store(), params.training_id) is not None:
         raise TrainingRefused(f"{taken} already has a finished model; delete it first or choose another id")
-
-
-def _owners(tags: list[str]) -> set[str]:
-    """The owner a training's flow run is tagged with, deleted or not."""
-    prefixes = (owner_tag(""), DELETED_TAG_PREFIX)
-    return {tag.removeprefix(prefix) for tag in tags for prefix in prefixes if tag.startswith(prefix)}
 
 
 def stage_seconds() -> dict[str, float]:
