@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,14 +25,20 @@ from flows.registry import load_registry
 from flows.settings import Settings, get_settings
 from flows.store import StorageError, StorageUnavailable, store_from_settings
 
+log = logging.getLogger("dreamflow.api")
+
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, str(exc))
 
 
 async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
+    """503 for a store that cannot serve now (down, or refusing the configured credentials), 500 for
+    anything else; the details (hosts, keys, the server's words) go to the facade's log only."""
     if isinstance(exc, StorageUnavailable):
-        return error_response(503, f"storage is unreachable: {exc}")
+        log.warning("storage unavailable for %s: %s", request.url.path, exc)
+        return error_response(503, "storage is unreachable; try again later")
+    log.error("storage error for %s: %s", request.url.path, exc)
     return error_response(500, "storage error; the request was not processed")
 
 

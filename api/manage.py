@@ -14,6 +14,7 @@ from api.gateway import ACTIVE, PrefectGateway, TrainingRun
 from api.schemas import ClientRequest, ErrorPublic, ListPublic, MessagePublic, StatusPublic
 from api.statuscache import StatusCache
 from flows.records import read_manifest, training_prefix
+from flows.store import ObjectStore, StorageError
 
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 404, 409, 503)}
 KEY_BODY = openapi_body(ClientRequest, KEY_ONLY_EXAMPLE)
@@ -57,11 +58,12 @@ async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep, s
         if run.state not in ACTIVE:
             state = run.state.value.lower() if run.state else "finished"
             raise ApiError(409, f"training {training_id} already ended ({state}); only queued or running trainings can be cancelled")
-        if not await gateway.cancel_training(run, owner):
-            # Never started: no process can write any more, so its inputs go now, even while every
-            # worker is busy; the cleanup run below still tells the webhook and sweeps once more.
-            await asyncio.to_thread(store.delete_prefix, training_prefix(training_id))
+        started = await gateway.cancel_training(run, owner)
+        # The cleanup run tells the webhook and removes the files once the run has stopped; one that
+        # never started has its inputs removed now as well, even while every worker is busy.
         await gateway.start_cleanup(training_id, run, "cancelled")
+        if not started:
+            await remove_now(store, training_id)
     return MessagePublic(messege="training cancelled", data=f"training {training_id} cancelled")
 
 
@@ -77,10 +79,17 @@ async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep, s
         running = await gateway.cancel_training(run, owner)
     else:
         running = run.state == StateType.CANCELLING
-    if not running:
-        # Ended, or never started: no process writes any more, so the files (and every link to them)
-        # go now, even while the workers are busy. The cleanup run below sweeps once more.
-        await asyncio.to_thread(store.delete_prefix, training_prefix(training_id))
-    await gateway.start_cleanup(training_id, run, "deleted")
-    files = "its files are being removed" if running else "its files are removed"
+    await gateway.start_cleanup(training_id, run, "deleted")  # removes the files once no process writes them
+    removed = not running and await remove_now(store, training_id)
+    files = "its files are removed" if removed else "its files are being removed"
     return MessagePublic(messege="model deleted", data=f"model {training_id} deleted; {files}")
+
+
+async def remove_now(store: ObjectStore, training_id: str) -> bool:
+    """Remove an ended training's files before answering, even while the workers are busy (and so
+    every link to them stops working); False when the store cannot now, and the cleanup run will."""
+    try:
+        await asyncio.to_thread(store.delete_prefix, training_prefix(training_id))
+    except StorageError:
+        return False
+    return True

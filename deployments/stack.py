@@ -238,6 +238,18 @@ def _prepare_pool_and_deployments(stack: Stack, prefect: str) -> None:
     prepare_crash_recovery(stack.settings.prefect_api)
 
 
+def storage_state(settings: Settings) -> str:
+    """One line on the configured store: reachable and writable, or why not (say, refused credentials),
+    so a wrong setting shows at start-up rather than as 503s later."""
+    from flows.store import StorageError, store_from_settings
+
+    try:
+        store_from_settings(settings).check()
+    except (StorageError, ValueError) as exc:
+        return f"{settings.storage}: NOT AVAILABLE: {exc}"
+    return f"{settings.storage}: ok"
+
+
 def run_stack(settings: Settings, workers: int = 1) -> None:
     """``dreamflow up``: start everything, print where it is, stop it all on SIGINT/SIGTERM."""
     stopping = {"now": False}
@@ -252,6 +264,7 @@ def run_stack(settings: Settings, workers: int = 1) -> None:
     sys.stdout.write(
         f"dreamflow is up\n  facade      http://{settings.api_host}:{settings.api_port}  (OpenAPI at /docs)\n"
         f"  Prefect UI  {settings.prefect_api.removesuffix('/api')}\n  API key     {key}\n"
+        f"  storage     {storage_state(settings)}\n"
         f"  logs        {stack.log_dir}\nPress Ctrl+C to stop.\n"
     )
     sys.stdout.flush()

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     s3_bucket: str = "dreamflow"
     s3_secure: bool = False
     s3_region: str | None = None
+    s3_public_endpoint: str | None = Field(
+        None, description="host:port (or URL) at which clients reach the S3 server, when it differs from "
+                          "s3_endpoint (a compose or cluster-internal name); download links are signed for it.",
+    )
     public_url: str | None = Field(None, description="Base of links handed to clients.")
     webhook_secret: str | None = Field(None, description="Standard Webhooks signing secret.")
     allow_private_networks: bool = Field(False, description="Let image/webhook URLs reach private addresses.")

@@ -176,4 +176,5 @@ def store_from_settings(settings: Settings) -> ObjectStore:
         bucket=settings.s3_bucket,
         secure=settings.s3_secure,
         region=settings.s3_region,
+        public_endpoint=settings.s3_public_endpoint,
     )

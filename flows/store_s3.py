@@ -29,6 +29,9 @@ from flows.store import (
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "ResourceNotFound"})
 _BUCKET_TAKEN_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+# Configuration the server refuses (not a passing outage): wrong keys, a bucket name it rejects.
+_REFUSED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName",
+                            "AllAccessDisabled", "InvalidToken", "ExpiredToken"})
 
 
 def _http_client(secure: bool) -> urllib3.PoolManager:
@@ -63,6 +66,10 @@ def _s3_errors(key: str | None = None) -> Iterator[None]:
     except S3Error as exc:
         if exc.code in _NOT_FOUND_CODES and key is not None:
             raise ObjectNotFound(key) from exc
+        if exc.code in _REFUSED_CODES:
+            raise StorageUnavailable(
+                f"the S3 server refused dreamflow's requests ({exc.code}): check DREAMFLOW_S3_ACCESS_KEY, "
+                "DREAMFLOW_S3_SECRET_KEY and DREAMFLOW_S3_BUCKET") from exc
         raise StorageError(f"S3 error {exc.code}: {exc.message}") from exc
     except (urllib3.exceptions.HTTPError, ServerError, ConnectionError) as exc:
         raise StorageUnavailable(f"S3 server unreachable or failing: {exc}") from exc

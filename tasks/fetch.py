@@ -18,16 +18,24 @@ class NoUsableImages(RuntimeError):
     """Every image of a request failed to download."""
 
 
-def own_reader(store: ObjectStore, training_id: str) -> Callable[[str], bytes | None]:
+def own_reader(store: ObjectStore, training_id: str, owner: str) -> Callable[[str], bytes | None]:
     """Reads ``store:`` references and dreamflow's own links from storage.
 
-    Allowed: uploads, this training's inputs, and dataset folders (scheduled retraining).
+    ``store:`` keys (which the facade refuses from clients: they come from the UI, a schedule or the
+    facade's own stored inputs) may name uploads, this training's inputs and dataset folders. A link
+    to the store is read directly only for the owner's own uploads and this training's inputs; any
+    other link is fetched like every URL, so it has to be one the store itself accepts (presigned,
+    unexpired) and pass the private-address check.
     """
-    own_prefixes = ("uploads/", f"trainings/{training_id}/inputs/", "datasets/")
+    by_reference = ("uploads/", f"trainings/{training_id}/inputs/", "datasets/")
+    by_link = (f"uploads/{owner}/", f"trainings/{training_id}/inputs/")
 
     def read_own(url: str) -> bytes | None:
-        key = url.removeprefix(STORE_SCHEME) if url.startswith(STORE_SCHEME) else store.key_from_link(url)
-        if key is None or not key.startswith(own_prefixes):
+        if url.startswith(STORE_SCHEME):
+            key, allowed = url.removeprefix(STORE_SCHEME), by_reference
+        else:
+            key, allowed = store.key_from_link(url), by_link
+        if key is None or not key.startswith(allowed):
             return None
         try:
             return store.get_bytes(key)
@@ -50,7 +58,8 @@ def fetch_images(params: TrainingParams) -> list[str]:
         timeout_s=settings.fetch_timeout_s,
         allow_private=settings.allow_private_networks,
     )
-    paths, errors = fetching.fetch_images(urls, workdir(training_id, "raw"), limits, own_reader(worker_store(), training_id))
+    read_own = own_reader(worker_store(), training_id, params.owner)
+    paths, errors = fetching.fetch_images(urls, workdir(training_id, "raw"), limits, read_own)
     for error in errors:
         run_logger().warning("image skipped: %s", error)
     if not paths:

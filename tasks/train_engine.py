@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flows.store import StorageError
 from tasks.adapters import save_adapter
 from tasks.checkpoints import (
     Checkpoint,
@@ -292,7 +293,10 @@ def _checkpoint(session: Session, target: CheckpointStore, step: int, losses: li
         rng=capture_rng(session.generator),
         losses=list(losses),
     )
-    logger.info("checkpoint at step %d -> %s", step, save_checkpoint(target, checkpoint))
+    try:
+        logger.info("checkpoint at step %d -> %s", step, save_checkpoint(target, checkpoint))
+    except StorageError as exc:  # an outage of the store must not end the training; the last one stands
+        logger.warning("checkpoint at step %d not stored (%s); training goes on", step, exc)
 
 
 def _with_float_lr(state: dict[str, Any]) -> dict[str, Any]:

@@ -87,3 +87,20 @@ def test_a_checkpoint_of_other_images_or_settings_is_not_resumed_from(
     assert [step for step, _ in runs["other images"].losses] == [step for step, _ in fresh.losses] == [2, 4]
     assert json.loads(store.get_bytes("images/ck/latest.json"))["inputs"] == run_inputs(
         config, subject[::-1], [PROMPT] * 2)  # the run's own checkpoint replaced the stale one
+
+
+def test_a_store_outage_at_a_checkpoint_does_not_end_the_training(
+    tiny: Path, subject: list[Path], tmp_path: Path
+) -> None:
+    """S3 stopped for 30 s while a checkpoint was due failed a whole training once."""
+    from flows.store import StorageUnavailable
+
+    class Outage(LocalStore):
+        def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
+            raise StorageUnavailable("S3 server unreachable or failing (test)")
+
+    store = Outage(tmp_path / "store", "http://x", b"k")
+    config = config_for(tiny, max_train_steps=4, report_every=2, checkpoint_every=2)
+    result = train(config, subject, [PROMPT] * 2, tmp_path / "out", checkpoints=CheckpointStore(store, "ck"))
+    assert result.adapter_file.exists() and [step for step, _ in result.losses] == [2, 4]
+    assert not store.exists("ck/latest.json")

@@ -397,3 +397,26 @@ def test_fetch_images_keeps_order_and_reports_errors(server: Server, tmp_path: P
         (urls[1], "HTTP 404"),
         (urls[3], "not an image"),
     ]
+
+
+def test_links_to_the_store_are_read_directly_only_for_the_owners_uploads_and_the_trainings_inputs(
+    tmp_path: Path,
+) -> None:
+    """An unsigned link to another owner's upload, or to an operator's dataset, is not read straight
+    from storage (a second API key trained on both once); it is fetched like any URL instead, so the
+    store's own signature check and the private-address check apply. ``store:`` references, which
+    only the UI, schedules and the facade's stored inputs carry, keep their wider reach."""
+    from flows.store_local import LocalStore
+    from tasks.fetch import own_reader
+
+    store = LocalStore(tmp_path / "store", "http://facade.test", b"secret")
+    keys = ["uploads/alice/1.png", "uploads/bob/2.png", "datasets/private/3.png", "trainings/t1/inputs/00.png"]
+    for key in keys:
+        store.put_bytes(key, key.encode())
+    read = own_reader(store, "t1", "alice")
+    links = {key: read(f"http://facade.test/files/{key}") for key in keys}
+    references = {key: read(f"store:{key}") for key in keys}
+    assert links == {"uploads/alice/1.png": b"uploads/alice/1.png", "uploads/bob/2.png": None,
+                     "datasets/private/3.png": None, "trainings/t1/inputs/00.png": b"trainings/t1/inputs/00.png"}
+    assert references == {key: key.encode() for key in keys}
+    assert read("https://elsewhere.test/files/uploads/alice/1.png") is None  # not this store's link at all

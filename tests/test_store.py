@@ -180,13 +180,14 @@ def test_s3_link_on_public_endpoint(s3_server: WeedS3Server, s3_store: S3Store) 
     assert httpx.get(url).content == b"public"
 
 
-def test_s3_wrong_credentials_fail(s3_server: WeedS3Server) -> None:
+def test_s3_wrong_credentials_are_unavailable_and_say_which_settings(s3_server: WeedS3Server) -> None:
+    """The store cannot serve (a 503 from the facade, not a 500), and the message says what to check."""
     for access, secret in [(s3_server.access_key, "wrong-secret"), ("nobody", s3_server.secret_key)]:
         store = S3Store(s3_server.endpoint, access, secret, f"test-{uuid.uuid4().hex[:16]}")
-        with pytest.raises(StorageError) as info:
+        with pytest.raises(StorageUnavailable, match=r"refused dreamflow's requests \((SignatureDoesNotMatch|"
+                                                     r"InvalidAccessKeyId|AccessDenied)\): check DREAMFLOW_S3_ACCESS_KEY"):
             store.put_bytes("uploads/x", b"x")
-        assert not isinstance(info.value, (ObjectNotFound, StorageUnavailable))
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageUnavailable):
             store.check()
 
 
@@ -322,3 +323,10 @@ def test_store_from_settings_s3(s3_server: WeedS3Server, monkeypatch: pytest.Mon
     assert isinstance(store, S3Store)
     store.put_bytes("uploads/x", b"x")
     assert store.list("uploads/") == ["uploads/x"]
+    port = s3_server.endpoint.rsplit(":", 1)[1]
+    public = store_from_settings(Settings(
+        storage="s3", s3_endpoint=s3_server.endpoint, s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key, s3_bucket=store.bucket, s3_public_endpoint=f"localhost:{port}",
+    ))
+    link = public.link("uploads/x", 60)  # signed for the name clients use, and valid there
+    assert link.startswith(f"http://localhost:{port}/") and httpx.get(link).content == b"x"
