@@ -118,6 +118,9 @@ def compose_status(
     step = total if status == TrainingStatus.MODEL_READY else (stage.step if stage else 0)
     eta = eta_seconds(status, stage, total, seconds_per_step)
     last_line = stage.log[-1] if stage and stage.log else "Deploying GPU, waiting for a worker"
+    error = error_text(status, run, stage)
+    if status == TrainingStatus.FAILED and not last_line.startswith("failed"):  # its own failure line went unstored
+        last_line = f"failed: {error}"
     if awaiting_rerun(run):
         last_line = CRASH_LINE
     data = f"{last_line}, ETA : {eta_text(eta)}" if eta is not None else last_line
@@ -129,7 +132,7 @@ def compose_status(
         model_id=run.training_id,
         progress=ProgressPublic(step=step, total_steps=total, percent=round(100.0 * step / total, 1) if total else 0.0),
         eta_seconds=math.ceil(eta) if eta is not None else None,
-        error=error_text(status, run, stage),
+        error=error,
         links=links,
         test_image=test_image,
     )

@@ -82,6 +82,7 @@ def test_failure_before_the_manifest_leaves_no_ready_model_and_a_rerun_completes
     assert read_manifest(stack.store, params.training_id) is None  # ... but the model is not complete
     status = _status(stack, params.training_id)
     assert status["training_status"] == "failed" and status["links"] == {}
+    assert status["data"] == f"failed: {status['error']}", status
 
     monkeypatch.setattr(storage, "worker_store", context.worker_store)  # the storage is back
     with tags("dreamflow", f"training:{params.training_id}", f"owner:{owner}"):
