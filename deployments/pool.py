@@ -80,6 +80,40 @@ def prepare_orchestration(api_url: str, pool: str, gpu_slots: int, command: str 
     asyncio.run(_prepare(api_url, pool, gpu_slots, command))
 
 
+ScheduleStates = dict[tuple[UUID, str], bool]
+
+
+async def _schedule_states(api_url: str) -> ScheduleStates:
+    async with async_client(api_url) as client:
+        deployments = await client.read_deployments()
+    return {(d.id, str(s.schedule)): s.active for d in deployments for s in d.schedules or []}
+
+
+def schedule_states(api_url: str) -> ScheduleStates:
+    """Whether each deployment schedule is on, by deployment and schedule (read before a deploy)."""
+    return asyncio.run(_schedule_states(api_url))
+
+
+async def _restore_schedule_states(api_url: str, before: ScheduleStates) -> int:
+    restored = 0
+    async with async_client(api_url) as client:
+        for deployment in await client.read_deployments():
+            for schedule in deployment.schedules or []:
+                was = before.get((deployment.id, str(schedule.schedule)))
+                if was is not None and was != schedule.active:
+                    await client.update_deployment_schedule(deployment.id, schedule.id, active=was)
+                    restored += 1
+    return restored
+
+
+def restore_schedule_states(api_url: str, before: ScheduleStates) -> int:
+    """Turn each schedule back on or off as it was before ``prefect deploy --all``, which applies
+    prefect.yaml's ``active:`` again (a retraining schedule turned on in the UI would go off at
+    every restart). A schedule whose timing changed in prefect.yaml takes the file's setting.
+    Returns how many were changed back."""
+    return asyncio.run(_restore_schedule_states(api_url, before))
+
+
 async def _prepare_crash_recovery(api_url: str) -> None:
     async with async_client(api_url) as client:
         recovery = await client.read_deployment_by_name(RECOVERY_DEPLOYMENT)

@@ -230,11 +230,18 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
 
 
 def _prepare_pool_and_deployments(stack: Stack, prefect: str) -> None:
-    from deployments.pool import prepare_crash_recovery, prepare_orchestration
+    from deployments.pool import (
+        prepare_crash_recovery,
+        prepare_orchestration,
+        restore_schedule_states,
+        schedule_states,
+    )
 
     prepare_orchestration(stack.settings.prefect_api, stack.settings.work_pool, stack.settings.gpu_slots,
                           launch_command(stack.settings))
+    schedules = schedule_states(stack.settings.prefect_api)  # as the UI left them
     stack.run([prefect, "--no-prompt", "deploy", "--all"], timeout_s=180)
+    restore_schedule_states(stack.settings.prefect_api, schedules)
     prepare_crash_recovery(stack.settings.prefect_api)
 
 

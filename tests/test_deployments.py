@@ -4,6 +4,7 @@ a run started from that form (not through the facade) belongs to its owner like 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import re
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from prefect import Flow, Task, flow, get_client, task
+from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import (
     PREFECT_API_URL,
@@ -154,6 +156,35 @@ def test_the_dreambooth_form_starts_as_a_dreambooth_training(stack: RunningStack
     deployed = read_deployment(stack.settings.prefect_api, "dreamflow-training/dreambooth")
     assert deployed.parameters["params"]["method"] == "dreambooth"
     assert "method" not in read_deployment(stack.settings.prefect_api, "dreamflow-training/lora").parameters.get("params", {})
+
+
+def test_a_schedule_turned_on_in_the_ui_stays_on_when_dreamflow_up_deploys_again(stack: RunningStack) -> None:
+    """`dreamflow up` runs `prefect deploy --all` at every start, which applies prefect.yaml's
+    `active: false` again: the daily retraining went off at each restart."""
+    from deployments.stack import _prepare_pool_and_deployments, bin_path
+
+    api = stack.settings.prefect_api
+    retrain = read_deployment(api, "dreamflow-retrain/retrain")
+    assert [s.active for s in retrain.schedules] == [False]  # as prefect.yaml ships it
+
+    async def turn_on() -> None:
+        async with PrefectClient(api) as client:
+            await client.update_deployment_schedule(retrain.id, retrain.schedules[0].id, active=True)
+
+    asyncio.run(turn_on())
+    try:
+        _prepare_pool_and_deployments(stack.stack, bin_path("prefect"))  # what the next `dreamflow up` does
+        again = read_deployment(api, "dreamflow-retrain/retrain")
+        assert [s.active for s in again.schedules] == [True]
+    finally:
+        schedules = read_deployment(api, "dreamflow-retrain/retrain").schedules
+
+        async def turn_off() -> None:
+            async with PrefectClient(api) as client:
+                for schedule in schedules:
+                    await client.update_deployment_schedule(retrain.id, schedule.id, active=False)
+
+        asyncio.run(turn_off())
 
 
 def ui_params(stack: RunningStack, tmp_path: Path, owner_key: str) -> TrainingParams:
