@@ -193,3 +193,40 @@ def test_a_deleted_training_is_404_at_once(facade: InProcessFacade, ready_traini
         after = fast(client, url, ALICE)
     assert deleted.status_code == 200
     assert after.status_code == 404 and after.json()["messege"] == "Model id not found"
+
+
+def test_a_delete_while_the_store_is_down_still_removes_the_files_later(
+    facade: InProcessFacade, stack: RunningStack, photos: list[Path]
+) -> None:
+    """The facade cannot remove a finished model's files during an S3 outage: it answers that they are
+    being removed, and the cleanup run (queued first) removes them (once forgotten, the id used to
+    keep its files for good). The outage is the facade's only: its store refuses to delete."""
+    from api.deps import get_store
+    from flows.store import StorageUnavailable
+
+    body = {**CREATE_EXAMPLES["sandbox"], "key": ALICE, "images": [data_uri(p) for p in photos]}
+    with stack.client() as client:
+        training_id = client.post("/api/sandbox/v3/fine_tune", json=body).json()["training_id"]
+    status, _ = stack.wait_until_done(training_id, ALICE)
+    assert status["training_status"] == "model_ready", status
+
+    real = facade.app.state.store
+
+    class Outage:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def delete_prefix(self, prefix: str) -> int:
+            raise StorageUnavailable("S3 server unreachable or failing (test)")
+
+    facade.app.dependency_overrides[get_store] = lambda: Outage()
+    try:
+        with facade.client() as client:
+            deleted = client.post(f"/api/v3/finetune/delete/{training_id}", json={"key": ALICE})
+    finally:
+        facade.app.dependency_overrides.pop(get_store)
+    assert deleted.status_code == 200 and deleted.json()["data"].endswith("its files are being removed"), deleted.text
+    deadline = time.monotonic() + 120
+    while stack.store.list(f"trainings/{training_id}/"):
+        assert time.monotonic() < deadline, "the cleanup run never removed the files"
+        time.sleep(0.5)
