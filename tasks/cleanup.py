@@ -8,13 +8,12 @@ from uuid import UUID
 from prefect import get_client, task
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 
 from flows.records import APP_TAG, as_deleted, training_prefix, training_tag
 from tasks.context import notify_webhook, remove_workdir, run_logger, worker_store
 
-FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 WAIT_LIMIT_S = 300.0
 POLL_S = 1.0
 
@@ -36,7 +35,7 @@ def _wait_for_end(client: SyncPrefectClient, run_id: UUID, deadline: float) -> s
             state = client.read_flow_run(run_id).state
         except ObjectNotFound:
             return "NOT_FOUND"
-        if state is None or state.type in FINAL or time.monotonic() > deadline:
+        if state is None or state.is_final() or time.monotonic() > deadline:
             return state.type.value if state else "UNKNOWN"
         time.sleep(POLL_S)
 

@@ -16,7 +16,6 @@ from uuid import UUID
 from prefect import get_client, task
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
-from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
@@ -28,7 +27,6 @@ from tasks.context import base_model, worker_settings, worker_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-GOING = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING}
 _stage_times: dict[UUID, dict[UUID, tuple[str, float]]] = {}
 """Flow run id -> task run id -> (stage, wall seconds) of the stages this process ran."""
 
@@ -131,7 +129,7 @@ def check_claim(client: SyncPrefectClient, run_id: UUID, params: TrainingParams)
     for other in others:
         if params.owner not in tagged_owners(other.tags):
             raise TrainingRefused(f"{taken} belongs to another owner's training; choose another id")
-        if other.state is not None and other.state.type in GOING:
+        if other.state is not None and not other.state.is_final():
             raise TrainingRefused(f"{taken} is in use by flow run {other.name!r} ({other.state.name}); "
                                   "wait for it to end or choose another id")
     if read_manifest(worker_store(), params.training_id) is not None:
