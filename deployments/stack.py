@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from deployments.prefect_server import server_command
-from flows.settings import Settings
+from flows.settings import STAGE_LOGGER, Settings
 
 log = logging.getLogger("dreamflow.stack")
 
@@ -96,9 +96,18 @@ def stack_env(settings: Settings, key: str) -> dict[str, str]:
         "DREAMFLOW_WORK_POOL": settings.work_pool,
     })
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PREFECT_LOGGING_EXTRA_LOGGERS"] = with_stage_libraries(env.get("PREFECT_LOGGING_EXTRA_LOGGERS", ""))
     if not settings.prefect_api_url:
         env.update(embedded_server_client_env(env))
     return env
+
+
+def with_stage_libraries(extra_loggers: str) -> str:
+    """``PREFECT_LOGGING_EXTRA_LOGGERS`` plus ``tasks``: the loggers of the stages' libraries (the
+    engine's checkpoints and resumes, the exports written, a store outage) then reach the run's log
+    in the Prefect UI, not only the worker's console."""
+    names = [name.strip() for name in extra_loggers.split(",") if name.strip()]
+    return ",".join(names if STAGE_LOGGER in names else [*names, STAGE_LOGGER])
 
 
 def embedded_server_client_env(env: dict[str, str]) -> dict[str, str]:

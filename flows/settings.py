@@ -117,6 +117,7 @@ class Settings(BaseSettings):
 
 
 GPU_CONCURRENCY_LIMIT = "dreamflow-gpu"  # the global concurrency limit training holds, sized by gpu_slots
+STAGE_LOGGER = "tasks"  # parent of the stage libraries' loggers (tasks.train_engine, tasks.kohya, ...)
 
 
 def hash_key(key: str) -> str:

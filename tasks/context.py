@@ -15,7 +15,7 @@ from prefect.exceptions import MissingContextError
 from flows.params import StageRecord, TrainingStatus
 from flows.records import read_stage, write_stage
 from flows.registry import BaseModelEntry, load_registry, lookup
-from flows.settings import Settings, get_settings
+from flows.settings import STAGE_LOGGER, Settings, get_settings
 from flows.store import ObjectStore, StorageError, store_from_settings
 from tasks.webhooks import DeliveryPolicy, deliver, webhook_body
 
@@ -24,6 +24,12 @@ MAX_RUNS = 3  # a crashed training is rerun (resuming from its checkpoint) at mo
 HOLD_FOLDER = "test-stage-hold"
 HOLD_LIMIT_S = 600.0
 HOLD_POLL_S = 0.2
+
+# The stage libraries log under "tasks.*"; where PREFECT_LOGGING_EXTRA_LOGGERS names it (dreamflow up,
+# the image), Prefect sends their records to the run's log. Their INFO lines (a checkpoint stored, a
+# resume, an export written) belong there too, not only warnings (the root logger's level).
+if logging.getLogger(STAGE_LOGGER).level == logging.NOTSET:
+    logging.getLogger(STAGE_LOGGER).setLevel(logging.INFO)
 
 
 @lru_cache(maxsize=1)

@@ -276,7 +276,7 @@ class _GraphedStep:
 
 def _report(value: float, step: int, total: int, rate: float, on_progress: ProgressCallback | None) -> float:
     check_finite(value, step, total)
-    logger.info("step %d/%d loss %.5f (%.2f steps/s)", step, total, value, rate)
+    logger.debug("step %d/%d loss %.5f (%.2f steps/s)", step, total, value, rate)
     if on_progress is not None:
         on_progress(ProgressEvent(step=step, total=total, loss=value, steps_per_second=rate))
     return value

@@ -79,6 +79,9 @@ def test_lora_training_from_rest_call_to_loadable_weights(
     run_id = UUID(stack.flow_run(body["training_id"])["id"])  # the samples took the trained UNet, no reload
     assert any("the UNet the training handed over" in line
                for line in wait_for_log(stack.settings.prefect_api, run_id, "samples: pipeline loaded"))
+    # the stage libraries' own lines reach the run's log in the UI (checkpoint_every=25, the kohya export)
+    messages = wait_for_log(stack.settings.prefect_api, run_id, "checkpoint at step 25")
+    assert any(line.startswith("wrote kohya LoRA") for line in messages), messages
     # the samples rendered while the weights were converted and stored (the statuses stayed in order)
     tasks = sorted(prefect_request("POST", f"{stack.settings.prefect_api}/task_runs/filter",
                                    {"task_runs": {"flow_run_id": {"any_": [str(run_id)]}}}).json(),
