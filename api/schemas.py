@@ -66,6 +66,15 @@ def _default(value: Any, default: Any) -> Any:
 Nullable = BeforeValidator(_nullish)
 
 
+def _not_boolean(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1: a seed or a step count sent as a flag is a mistake
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+Number = BeforeValidator(_not_boolean)
+
+
 class TrainingRequest(ClientRequest):
     """Fields shared by every create call."""
 
@@ -73,7 +82,7 @@ class TrainingRequest(ClientRequest):
     class_prompt: Annotated[str | None, Nullable] = Field(None, max_length=MAX_PROMPT_CHARS, examples=["photo of man"])
     base_model_id: Annotated[str | None, Nullable] = Field(None, max_length=128, examples=["sd-1.5"])
     images: Annotated[list[str], BeforeValidator(_image_list)] = Field(min_length=1, examples=[["https://example.com/1.jpg"]])
-    seed: Annotated[int | None, Nullable] = Field(None, ge=0, le=2**32 - 1, examples=["0"])
+    seed: Annotated[int | None, Nullable, Number] = Field(None, ge=0, le=2**32 - 1, examples=["0"])
     training_type: Annotated[Literal["men", "female", "women", "couple"] | None, Nullable] = Field(None, examples=["men"])
     webhook: Annotated[str | None, Nullable] = Field(None, max_length=2048)
     idempotency_key: Annotated[str | None, Nullable] = Field(None, max_length=255)
@@ -109,16 +118,16 @@ def _image_problem(url: Any) -> str | None:
 class FineTuneRequest(TrainingRequest):
     """Body of ``/api/v3/fine_tune`` (DreamBooth)."""
 
-    max_train_steps: Annotated[int | None, Nullable] = Field(None, ge=1, examples=["2000"])
+    max_train_steps: Annotated[int | None, Nullable, Number] = Field(None, ge=1, examples=["2000"])
 
 
 class FineTuneV2Request(TrainingRequest):
     """Body of ``/api/v3/fine_tune_v2``: separate UNet / text-encoder rates and step counts."""
 
-    learning_rate_unet: Annotated[float, BeforeValidator(lambda v: _default(v, 1e-6))] = Field(1e-6, gt=0, le=1)
-    steps_unet: Annotated[int, BeforeValidator(lambda v: _default(v, 1500))] = Field(1500, ge=1)
-    learning_rate_text_encoder: Annotated[float, BeforeValidator(lambda v: _default(v, 1e-6))] = Field(1e-6, gt=0, le=1)
-    steps_text_encoder: Annotated[int, BeforeValidator(lambda v: _default(v, 350))] = Field(350, ge=0)
+    learning_rate_unet: Annotated[float, BeforeValidator(lambda v: _default(v, 1e-6)), Number] = Field(1e-6, gt=0, le=1)
+    steps_unet: Annotated[int, BeforeValidator(lambda v: _default(v, 1500)), Number] = Field(1500, ge=1)
+    learning_rate_text_encoder: Annotated[float, BeforeValidator(lambda v: _default(v, 1e-6)), Number] = Field(1e-6, gt=0, le=1)
+    steps_text_encoder: Annotated[int, BeforeValidator(lambda v: _default(v, 350)), Number] = Field(350, ge=0)
 
 
 class LoraFineTuneRequest(TrainingRequest):
@@ -127,7 +136,7 @@ class LoraFineTuneRequest(TrainingRequest):
     base_model_type: Annotated[Literal["normal", "sdxl"], BeforeValidator(lambda v: _default(v, "normal"))] = "normal"
     negative_prompt: Annotated[str | None, Nullable] = Field(None, max_length=MAX_PROMPT_CHARS)
     lora_type: Annotated[Literal["lora", "lycoris"], BeforeValidator(lambda v: _default(v, "lora"))] = "lora"
-    max_train_steps: Annotated[int | None, Nullable] = Field(None, ge=1, examples=["2000"])
+    max_train_steps: Annotated[int | None, Nullable, Number] = Field(None, ge=1, examples=["2000"])
 
 
 class Base64CropRequest(ClientRequest):

@@ -52,6 +52,8 @@ def test_auth_and_unknown_ids(stack: RunningStack, path: str, payload: dict, hea
         ({**GOOD, "images": ["file:///etc/passwd"]}, "images"),
         ({**GOOD, "instance_prompt": ""}, "instance_prompt"),
         ({**GOOD, "seed": "not-a-number"}, "seed"),
+        ({**GOOD, "seed": True}, "seed"),  # pydantic alone reads true as seed 1
+        ({**GOOD, "max_train_steps": True}, "max_train_steps"),
         ({**GOOD, "max_train_steps": "999999"}, "max_train_steps"),
         ({**GOOD, "base_model_id": "no-such-model"}, "base_model_id"),
         ({**GOOD, "training_type": "dog"}, "training_type"),
