@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Cancelling
 
 from flows.params import TrainingParams
 from flows.prefect_once import BUSY_STATUS, async_client, send_once
-from flows.records import APP_TAG, as_deleted, owner_tag, training_tag
+from flows.records import APP_TAG, as_deleted, is_deleted, owner_tag, training_tag
 
 log = logging.getLogger("dreamflow.gateway")
 
@@ -73,6 +73,7 @@ class TrainingRun:
     created: datetime | None
     parameters: dict[str, Any]
     state_since: datetime | None = None
+    deleted: bool = False  # its owner deleted it: the run stays in Prefect's record, the training is gone
 
 
 def _as_training_run(run: FlowRun) -> TrainingRun:
@@ -84,6 +85,7 @@ def _as_training_run(run: FlowRun) -> TrainingRun:
         created=run.created,
         parameters=dict(run.parameters.get("params") or {}),
         state_since=run.state.timestamp if run.state else None,
+        deleted=is_deleted(run.tags),
     )
 
 

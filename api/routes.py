@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from api.admission import Admission
 from api.deps import AdmissionDep, Body, Owner, RegistryDep, SettingsDep, StoreDep
-from api.errors import invalid_input
+from api.errors import ApiError, invalid_input
 from api.examples import CREATE_EXAMPLES, openapi_body
 from api.gateway import TrainingRun
 from api.schemas import (
@@ -89,6 +89,9 @@ async def start_with_inputs(
         raise
     if run.training_id != params.training_id:  # an idempotent replay: the first run stands
         await asyncio.to_thread(store.delete_prefix, training_prefix(params.training_id))
+        if run.deleted:  # Prefect keeps the key on the deleted run: answering with its id would name nothing
+            raise ApiError(409, f"the idempotency key was used for training {run.training_id}, which has been "
+                                "deleted; send the request with a new key to start another training")
     return run
 
 

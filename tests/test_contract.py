@@ -184,6 +184,26 @@ def test_idempotency_key_returns_the_first_answer_and_starts_one_run(stack: Runn
     assert stack.flow_run_count() == before + 2  # the training and its cleanup after the cancel
 
 
+def test_an_idempotency_key_of_a_deleted_training_is_refused_not_answered_with_its_id(
+    stack: RunningStack, photos: list[Path]
+) -> None:
+    body = example("lora_fine_tune", photos[:1], base_model_id="tiny", max_train_steps="5")
+    with stack.client() as client:
+        first = client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-deleted"}).json()
+        deleted = client.post(f"/api/v3/finetune/delete/{first['training_id']}", json={"key": KEYS[0]})
+        assert deleted.status_code == 200, deleted.text
+        before, stored = stack.flow_run_count(), set(stack.store.list("trainings/"))
+        again = client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-deleted"})
+        assert again.status_code == 409, again.text
+        assert first["training_id"] in again.json()["messege"] and "new key" in again.json()["messege"]
+        assert stack.flow_run_count() == before
+        assert not set(stack.store.list("trainings/")) - stored  # its data: image was not left behind
+        # another key starts a training as usual
+        fresh = client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-new"})
+        assert fresh.status_code == 201 and fresh.json()["training_id"] != first["training_id"]
+        client.post(f"/api/v3/finetune/delete/{fresh.json()['training_id']}", json={"key": KEYS[0]})
+
+
 class Receiver(BaseHTTPRequestHandler):
     """A client's webhook endpoint: fails the very first delivery with a 500, then accepts."""
 
