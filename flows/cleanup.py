@@ -10,6 +10,7 @@ from pydantic import Field
 
 from flows.params import TRAINING_ID_PATTERN
 from tasks.cleanup import announce_cancelled, delete_artifacts, forget_training, wait_for_run_end
+from tasks.context import flush_webhooks
 
 
 @flow(name="dreamflow-cleanup")
@@ -35,4 +36,5 @@ def cleanup_training(
     removed = delete_artifacts(training_id)
     if reason == "cancelled":
         announce_cancelled(training_id, webhook)
+        flush_webhooks()
     return removed

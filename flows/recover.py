@@ -19,7 +19,7 @@ from prefect.states import Failed, Scheduled
 
 from flows.params import TrainingStatus
 from flows.records import is_deleted
-from tasks.context import MAX_RUNS, report_stage
+from tasks.context import MAX_RUNS, flush_webhooks, report_stage
 
 RUN_RESOURCE_PREFIX = "prefect.flow-run."
 RERUN_STATE_NAME = "AwaitingRetry"
@@ -74,5 +74,6 @@ def recover_crashed_training(crashed: str) -> str:
         webhook = {"webhook": params["webhook"]} if params.get("webhook") else {}  # else keep the record's
         report_stage(params["training_id"], TrainingStatus.FAILED, "failed", f"failed: {reason}", error=reason,
                      **webhook)
+        flush_webhooks()
     logger.warning("flow run %s: %s", run_id, reason)
     return "failed"

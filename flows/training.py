@@ -9,7 +9,7 @@ from prefect.states import State
 from flows.params import TrainingParams, TrainingStatus
 from tasks.artifacts import artifacts_in_background
 from tasks.caption import caption_images
-from tasks.context import check_run_count, process_start_line, report_stage
+from tasks.context import check_run_count, flush_webhooks, process_start_line, report_stage, webhooks_delivered
 from tasks.convert import convert_weights
 from tasks.fetch import fetch_images
 from tasks.preprocess import crop_faces
@@ -37,6 +37,7 @@ def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
     if training_id:
         reason = failure_reason(state)
         report_stage(training_id, TrainingStatus.FAILED, "failed", f"failed: {reason}", error=reason)
+        flush_webhooks()
 
 
 @flow(
@@ -49,7 +50,7 @@ def run_training(params: TrainingParams) -> str:
     get_run_logger().info(process_start_line())
     check_run_count(params.training_id)
     tag_own_run(params)  # runs started from the UI or a schedule become visible to their owner
-    with artifacts_in_background():  # the UI's views of the crops and the model: ready when the run ends
+    with artifacts_in_background(), webhooks_delivered():  # both done before the run ends
         raw = fetch_images(params)
         crops = crop_faces(params, raw)
         captions = caption_images(params, crops)

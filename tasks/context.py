@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,13 +19,14 @@ from flows.records import read_stage, write_stage
 from flows.registry import BaseModelEntry, load_registry, lookup
 from flows.settings import STAGE_LOGGER, Settings, get_settings
 from flows.store import ObjectStore, StorageError, store_from_settings
-from tasks.webhooks import DeliveryPolicy, deliver, webhook_body
+from tasks.webhooks import DeliveryPolicy, deliver, outbox, webhook_body
 
 
 MAX_RUNS = 3  # a crashed training is rerun (resuming from its checkpoint) at most twice
 HOLD_FOLDER = "test-stage-hold"
 HOLD_LIMIT_S = 600.0
 HOLD_POLL_S = 0.2
+WEBHOOK_FLUSH_S = 30.0  # how long a run that ends waits for its last webhook deliveries
 
 # The stage libraries log under "tasks.*"; where PREFECT_LOGGING_EXTRA_LOGGERS names it (dreamflow up,
 # the image), Prefect sends their records to the run's log. Their INFO lines (a checkpoint stored, a
@@ -116,12 +119,36 @@ def hold_at_stage(stage: str) -> None:
 
 
 def notify_webhook(training_id: str, url: str, status: str, logs: str, error: str | None = None) -> None:
-    """Post one status change to a webhook (retried with backoff; a dead receiver never fails the job)."""
+    """Queue one status change for a webhook and return at once; it is delivered in order on the
+    process's outbox thread, retried with backoff (a slow or dead receiver never holds up the job)."""
     settings = worker_settings()
     policy = DeliveryPolicy(allow_private=settings.allow_private_networks)
-    failure = deliver(url, webhook_body(training_id, status, logs, error), settings.webhook_secret, policy)
-    if failure is not None:
-        run_logger().warning("webhook %s: status %s not delivered: %s", url, status, failure)
+    body = webhook_body(training_id, status, logs, error)
+    logger = run_logger()  # the run's logger, taken here: the outbox thread has no run context
+
+    def send() -> None:
+        failure = deliver(url, body, settings.webhook_secret, policy)
+        if failure is not None:
+            logger.warning("webhook %s: status %s not delivered: %s", url, status, failure)
+
+    outbox().post(send)
+
+
+@contextmanager
+def webhooks_delivered() -> Iterator[None]:
+    """Around a run's body: its webhook deliveries are flushed when the body ends, however it ends."""
+    try:
+        yield
+    finally:
+        flush_webhooks()
+
+
+def flush_webhooks() -> None:
+    """Before a run ends: let its queued webhook deliveries finish, at most ``WEBHOOK_FLUSH_S``."""
+    pending = outbox().flush(WEBHOOK_FLUSH_S)
+    if pending:
+        run_logger().warning("%d webhook deliveries still pending after %.0f s; they are dropped when the run's "
+                             "process ends", pending, WEBHOOK_FLUSH_S)
 
 
 def process_start_line() -> str:

@@ -12,9 +12,13 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 
@@ -89,3 +93,73 @@ def deliver(url: str, body: dict[str, str], secret: str | None, policy: Delivery
             time.sleep(delay)
             delay *= 2
     return f"{policy.attempts} attempts, the last {failure}"
+
+
+class Outbox:
+    """A process's webhook deliveries, made one after another in the order they were posted, on a
+    background thread: a receiver that is slow or down (each delivery may take its attempts and
+    timeouts, about 24 s) delays neither the training nor the GPU slot it holds, nor the trainings of
+    other owners waiting for that slot.
+
+    The thread is a daemon and ends when idle; a run calls :meth:`flush` before it ends, so its
+    last statuses are delivered (and their failures logged) while it still runs, within a bound.
+    """
+
+    IDLE_S = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def post(self, job: Callable[[], None]) -> None:
+        """Queue one delivery; returns at once."""
+        with self._lock:
+            self._jobs.put(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="webhook-outbox", daemon=True)
+                self._thread.start()
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait until every posted delivery is done, at most ``timeout_s``; the count still pending."""
+        deadline = time.monotonic() + timeout_s
+        with self._jobs.all_tasks_done:
+            while self._jobs.unfinished_tasks and time.monotonic() < deadline:
+                self._jobs.all_tasks_done.wait(max(0.0, deadline - time.monotonic()))
+            return self._jobs.unfinished_tasks
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - one broken delivery must not stop the others
+                log.exception("webhook delivery failed")
+            finally:
+                self._jobs.task_done()
+
+
+_outbox: Outbox | None = None
+
+
+def outbox() -> Outbox:
+    """This process's outbox (a forked process starts with an empty one)."""
+    global _outbox
+    if _outbox is None:
+        _outbox = Outbox()
+    return _outbox
+
+
+def _forget_outbox() -> None:
+    global _outbox
+    _outbox = None
+
+
+os.register_at_fork(after_in_child=_forget_outbox)
