@@ -16,6 +16,7 @@ import time
 
 from api.errors import ApiError
 from api.gateway import PrefectGateway, TrainingRun
+from api.queueview import QueueView
 from flows.params import TrainingParams
 
 FULL_FRESH_S = 1.0
@@ -37,8 +38,10 @@ class Admission:
     refusing).
     """
 
-    def __init__(self, gateway: PrefectGateway, limit: int, retry_after_s: int, full_fresh_s: float = FULL_FRESH_S) -> None:
+    def __init__(self, gateway: PrefectGateway, limit: int, retry_after_s: int, queue: QueueView,
+                 full_fresh_s: float = FULL_FRESH_S) -> None:
         self.limit = limit
+        self.queue = queue  # what is ahead of a training admitted now
         self.retry_after_s = retry_after_s
         self._gateway = gateway
         self._lock = asyncio.Lock()
@@ -68,4 +71,7 @@ class Admission:
                 if replay is None:
                     raise queue_full(self.limit, self.retry_after_s)
                 return replay
-            return await gateway.start_training(deployment, params, idempotency_key)
+            run = await gateway.start_training(deployment, params, idempotency_key)
+            if run.training_id == params.training_id:  # new, not an idempotent replay's first run
+                self.queue.note(run)
+            return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import logging
@@ -19,6 +20,7 @@ from api.cropper import Cropper
 from api.errors import error_response, install_error_handlers
 from api.fastpath import FastPathCounts, StatusFastPath
 from api.gateway import GatewayUnavailable, PrefectGateway
+from api.queueview import QueueView
 from api.status import status_body
 from api.statuscache import StatusCache
 from flows.registry import load_registry
@@ -83,13 +85,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = load_registry(settings.registry_file)
         app.state.store = store_from_settings(settings)
         app.state.cropper = Cropper()
-        app.state.status_cache = StatusCache(
-            functools.partial(status_body, app.state.store, settings, app.state.registry))
         app.state.status_fast_path = FastPathCounts()
         try:
             async with PrefectGateway(settings.prefect_api) as gateway:
                 app.state.gateway = gateway
-                app.state.admission = Admission(gateway, settings.max_queued, settings.queue_retry_after_s)
+                app.state.queue = QueueView(gateway, app.state.registry, settings.gpu_slots)
+                app.state.queue.attach(asyncio.get_running_loop())
+                app.state.status_cache = StatusCache(functools.partial(
+                    status_body, app.state.store, settings, app.state.registry, app.state.queue.wait_for))
+                app.state.admission = Admission(gateway, settings.max_queued, settings.queue_retry_after_s,
+                                                app.state.queue)
                 # Prefect's import leaves ~10^5 long-lived objects; frozen, full collections stop
                 # walking them (they were the status endpoint's slowest answers under load).
                 gc.collect()

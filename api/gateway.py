@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Cancelled, Cancelling
 
@@ -38,6 +39,7 @@ log = logging.getLogger("dreamflow.gateway")
 CLEANUP_TAG = "dreamflow-cleanup"
 CLEANUP_DEPLOYMENT = "dreamflow-cleanup/cleanup"
 LIST_LIMIT = 200
+QUEUE_LIMIT = 200  # the most runs one Prefect read returns
 STATUS_CACHE_S = 1.0
 # Past this share of its life a cached answer is still served, and one query refreshes it in the
 # background, so steady polling never waits for Prefect (answers stay at most STATUS_CACHE_S old).
@@ -284,6 +286,15 @@ class PrefectGateway:
         return await self._call(lambda: self._client.count_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[APP_TAG]), state=active)
         ))
+
+    async def active_trainings(self, limit: int = QUEUE_LIMIT) -> list[TrainingRun]:
+        """Trainings of every owner queued, pending, running or paused, oldest first."""
+        active = FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(ACTIVE)))
+        runs = await self._call(lambda: self._client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[APP_TAG]), state=active),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=limit,
+        ))
+        return sorted((_as_training_run(r) for r in runs), key=created_at)
 
     async def find_by_idempotency_key(self, owner: str, idempotency_key: str) -> TrainingRun | None:
         """The caller's run created with this idempotency key, if any (a replay is never refused)."""

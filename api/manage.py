@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from prefect.client.schemas.objects import StateType
 
-from api.deps import GatewayDep, Owner, StoreDep
+from api.deps import AdmissionDep, GatewayDep, Owner, StoreDep
 from api.errors import NOT_FOUND, ApiError
 from api.examples import KEY_ONLY_EXAMPLE, openapi_body
 from api.gateway import ACTIVE, PrefectGateway, TrainingRun
@@ -49,9 +49,11 @@ async def finetune_list(owner: Owner, gateway: GatewayDep) -> ListPublic:
     return ListPublic(data=[run.training_id for run in await gateway.list_trainings(owner)])
 
 
-async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep) -> MessagePublic:
+async def cancel_training(training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep,
+                          admission: AdmissionDep) -> MessagePublic:
     """Cancel a queued or running training; its partial artifacts are removed afterwards."""
     run = await owned_run(gateway, training_id, owner)
+    admission.queue.forget(training_id)
     if run.state not in CANCELLED:
         if await asyncio.to_thread(read_manifest, store, training_id) is not None:
             raise ApiError(409, f"training {training_id} already ended (model_ready); delete the model instead")
@@ -72,9 +74,11 @@ for _path in ("/cancle_training/{training_id}", "/cancel_training/{training_id}"
 
 
 @router.post("/finetune/delete/{training_id}", response_model=MessagePublic, openapi_extra=KEY_BODY)
-async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep) -> MessagePublic:
+async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep, store: StoreDep,
+                          admission: AdmissionDep) -> MessagePublic:
     """Cancel the training if it runs, forget its id at once, and remove every stored artifact."""
     run = await gateway.forget_training(await owned_run(gateway, training_id, owner), owner)
+    admission.queue.forget(training_id)
     if run.state in ACTIVE:
         running = await gateway.cancel_training(run, owner)
     else:

@@ -103,7 +103,8 @@ async def create(
     key = check_idempotency_key(idempotency_key, req.idempotency_key)
     await check_webhook(req.webhook, settings)
     run = await start_with_inputs(admission, store, settings, deployment, params, key)
-    return CreatedPublic(data=f"it will take upto {eta_text(first_estimate(run, params, registry))}.",
+    wait = await admission.queue.fresh_wait_for(run.training_id, run.created)  # the trainings ahead of it
+    return CreatedPublic(data=f"it will take upto {eta_text(wait.seconds + first_estimate(run, params, registry))}.",
                          training_id=run.training_id, model_id=run.training_id)
 
 

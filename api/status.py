@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from collections.abc import Callable
 
 from prefect.client.schemas.objects import StateType
 
-from api.gateway import TrainingRun
+from api.gateway import ACTIVE, TrainingRun
 from api.schemas import ProgressPublic, StatusPublic
 from flows.params import StageRecord, TrainingStatus
 from flows.records import Manifest, read_manifest, read_stage
@@ -35,6 +36,17 @@ def awaiting_rerun(run: TrainingRun) -> bool:
         return False
     return (datetime.now(timezone.utc) - run.state_since).total_seconds() < CRASH_RERUN_GRACE_S
 CANCELLED = {StateType.CANCELLED, StateType.CANCELLING}
+
+
+@dataclass(frozen=True)
+class QueueWait:
+    """The trainings ahead of one, and the seconds until a GPU slot is expected to be free for it."""
+
+    ahead: int = 0
+    seconds: float = 0.0
+
+
+NO_WAIT = QueueWait()
 
 
 def job_seconds(total_steps: int, seconds_per_step: float) -> float:
@@ -73,8 +85,10 @@ def eta_seconds(status: TrainingStatus, stage: StageRecord | None, total_steps: 
         return None
     if status == TrainingStatus.DEPLOYING_GPU:
         return job_seconds(total_steps, seconds_per_step)
-    if status == TrainingStatus.TRAINING_STARTED and stage is not None and stage.steps_per_s:
-        return max(0, stage.total_steps - stage.step) / stage.steps_per_s + POST_TRAINING_S
+    if status == TrainingStatus.TRAINING_STARTED:  # the registry's step time until the loop has measured its own
+        steps_left = max(0, total_steps - (stage.step if stage else 0))
+        rate = stage.steps_per_s if stage else None
+        return steps_left * (1 / rate if rate else seconds_per_step) + POST_TRAINING_S
     return POST_TRAINING_S
 
 
@@ -111,13 +125,17 @@ def compose_status(
     manifest: Manifest | None,
     link: Callable[[str], str],
     seconds_per_step: float,
+    wait: QueueWait = NO_WAIT,
 ) -> StatusPublic:
-    """The full status answer of SPEC §2.3."""
+    """The full status answer of SPEC §2.3; ``wait``: the trainings ahead of a queued one."""
     status = public_status(run, stage, manifest)
     total = (stage.total_steps if stage and stage.total_steps else None) or int(run.parameters.get("max_train_steps", 0))
     step = total if status == TrainingStatus.MODEL_READY else (stage.step if stage else 0)
     eta = eta_seconds(status, stage, total, seconds_per_step)
     last_line = stage.log[-1] if stage and stage.log else "Deploying GPU, waiting for a worker"
+    if status == TrainingStatus.DEPLOYING_GPU and eta is not None and wait.ahead:
+        eta += wait.seconds
+        last_line += f"; {ahead_text(wait.ahead)}"
     error = error_text(status, run, stage)
     if status == TrainingStatus.FAILED and not last_line.startswith("failed"):  # its own failure line went unstored
         last_line = f"failed: {error}"
@@ -138,12 +156,17 @@ def compose_status(
     )
 
 
-def status_body(store: ObjectStore, settings: Settings, registry: dict[str, BaseModelEntry], training_id: str,
-                run: TrainingRun) -> bytes:
+def ahead_text(count: int) -> str:
+    return f"{count} training{'s' if count != 1 else ''} ahead in the queue"
+
+
+def status_body(store: ObjectStore, settings: Settings, registry: dict[str, BaseModelEntry],
+                queue: Callable[[str, datetime | None], QueueWait], training_id: str, run: TrainingRun) -> bytes:
     """The serialized status answer of one training: store reads and link signing (blocking; call it
-    in a worker thread)."""
+    in a worker thread). ``queue`` tells the wait of a training created at a time."""
     stage, manifest = read_stage(store, training_id), read_manifest(store, training_id)
     entry = registry.get(str(run.parameters.get("base_model_id")))
+    wait = queue(training_id, run.created) if run.state in ACTIVE else NO_WAIT
     status = compose_status(run, stage, manifest, lambda key: store.link(key, settings.link_expiry_s),
-                            entry.seconds_per_step if entry else 1.0)
+                            entry.seconds_per_step if entry else 1.0, wait)
     return status.model_dump_json(by_alias=True).encode()

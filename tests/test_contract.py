@@ -20,6 +20,7 @@ from PIL import Image
 
 from api.examples import CREATE_EXAMPLES
 from hostile_inputs import small_jpeg
+from runguard import pool_paused
 from stackserver import KEYS, WEBHOOK_SECRET, RunningStack, data_uri
 from tasks.sample_photos import write_sample_photos
 
@@ -202,6 +203,28 @@ def test_an_idempotency_key_of_a_deleted_training_is_refused_not_answered_with_i
         fresh = client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-new"})
         assert fresh.status_code == 201 and fresh.json()["training_id"] != first["training_id"]
         client.post(f"/api/v3/finetune/delete/{fresh.json()['training_id']}", json={"key": KEYS[0]})
+
+
+def test_a_queued_training_counts_the_trainings_ahead_of_it(stack: RunningStack, photos: list[Path]) -> None:
+    """Three trainings queued behind each other (the pool paused, so none starts): each later one is
+    told of more trainings ahead and a longer wait, when created and while it waits."""
+    body = example("lora_fine_tune", photos[:1], base_model_id="tiny", max_train_steps="300")
+    with pool_paused(stack) as before, stack.client() as client:
+        created = [client.post("/api/v3/lora_fine_tune", json=body).json() for _ in range(3)]
+        minutes = [int(c["data"].split("upto ")[1].split(" minute")[0]) for c in created]
+        assert minutes == sorted(minutes) and minutes[2] > minutes[0], created
+        time.sleep(0.3)
+        statuses = [client.post(f"/api/v3/fine_tune_status/{c['training_id']}", json={"key": KEYS[0]}).json()
+                    for c in created]
+    assert [s["messege"] for s in statuses] == ["deploying_gpu"] * 3, statuses
+    etas = [s["eta_seconds"] for s in statuses]
+    assert etas[0] < etas[1] < etas[2], statuses
+    for position, status in enumerate(statuses):
+        ahead = len(before) + position
+        if ahead:
+            assert f"{ahead} training{'s' if ahead != 1 else ''} ahead in the queue" in status["data"], status
+        else:
+            assert "ahead" not in status["data"], status
 
 
 class Receiver(BaseHTTPRequestHandler):
