@@ -84,6 +84,8 @@ def atomic_write(dest: Path) -> Iterator[BinaryIO]:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
         raise StorageError(f"{dest} lies below an existing file") from exc
+    except OSError as exc:
+        raise write_failed(dest, exc) from exc
     tmp = dest.with_name(f"{TMP_PREFIX}{secrets.token_hex(8)}-{dest.name}")
     try:
         with open(tmp, "wb") as handle:
@@ -93,8 +95,15 @@ def atomic_write(dest: Path) -> Iterator[BinaryIO]:
         os.replace(tmp, dest)
     except IsADirectoryError as exc:
         raise StorageError(f"{dest} is an existing folder") from exc
+    except OSError as exc:  # a full disk, a read-only or protected file: the store's failure, said in words
+        raise write_failed(dest, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_failed(dest: Path, exc: OSError) -> StorageError:
+    """A local write that failed, without the server's paths (the message may reach a client)."""
+    return StorageError(f"the store could not write {dest.name}: {(exc.strerror or str(exc)).lower()}")
 
 
 class ObjectStore(abc.ABC):

@@ -280,6 +280,28 @@ def test_local_failed_write_keeps_the_old_object(local_store: LocalStore) -> Non
     assert [p.name for p in (local_store.root / "trainings" / "t1").iterdir()] == ["a.bin"]
 
 
+def test_local_write_on_a_full_disk_is_a_storage_error_in_words(
+    local_store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (simulated: this machine's disk is not full) or a protected file is the store's
+    failure, which the pipeline logs and survives where it can, and its text names no server path."""
+    import errno
+
+    local_store.put_bytes("trainings/t1/status.json", b"old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageError) as raised:
+        local_store.put_bytes("trainings/t1/status.json", b"new")
+    assert str(raised.value) == "the store could not write status.json: no space left on device"
+    assert str(local_store.root) not in str(raised.value)
+    monkeypatch.undo()
+    assert local_store.get_bytes("trainings/t1/status.json") == b"old"
+    assert local_store.list("trainings/") == ["trainings/t1/status.json"]
+
+
 def test_local_list_skips_unfinished_writes(local_store: LocalStore) -> None:
     local_store.put_bytes("trainings/t1/a.bin", b"a")
     (local_store.root / "trainings" / "t1" / ".dreamflow-tmp-0123456789abcdef-b.bin").write_bytes(b"half")
