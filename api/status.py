@@ -66,12 +66,12 @@ def public_status(run: TrainingRun, stage: StageRecord | None, manifest: Manifes
     """One of the ten status values, from what Prefect and the store say."""
     if run.state in CANCELLED:
         return TrainingStatus.CANCELLED
+    if manifest is not None:  # complete, whatever befell the run after it wrote the manifest
+        return TrainingStatus.MODEL_READY
     if awaiting_rerun(run):
         return TrainingStatus.DEPLOYING_GPU
     if run.state in ENDED_BADLY:
         return TrainingStatus.FAILED
-    if manifest is not None:
-        return TrainingStatus.MODEL_READY
     if run.state == StateType.COMPLETED:
         return TrainingStatus.FAILED
     if run.state in WAITING or stage is None:
@@ -139,7 +139,7 @@ def compose_status(
     error = error_text(status, run, stage)
     if status == TrainingStatus.FAILED and not last_line.startswith("failed"):  # its own failure line went unstored
         last_line = f"failed: {error}"
-    if awaiting_rerun(run):
+    if status == TrainingStatus.DEPLOYING_GPU and awaiting_rerun(run):
         last_line = CRASH_LINE
     data = f"{last_line}, ETA : {eta_text(eta)}" if eta is not None else last_line
     links, test_image = model_links(manifest, link)

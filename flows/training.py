@@ -15,7 +15,7 @@ from tasks.fetch import fetch_images
 from tasks.preprocess import crop_faces
 from tasks.registration import tag_own_run
 from tasks.samples import make_samples
-from tasks.storage import publish_manifest, upload_artifacts
+from tasks.storage import finish_if_published, publish_manifest, upload_artifacts
 from tasks.train import train_model
 
 
@@ -48,9 +48,11 @@ def record_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
 def run_training(params: TrainingParams) -> str:
     """Train a model from a handful of photos and publish it with its samples and manifest."""
     get_run_logger().info(process_start_line())
-    check_run_count(params.training_id)
-    tag_own_run(params)  # runs started from the UI or a schedule become visible to their owner
+    attempt = check_run_count(params.training_id)
     with artifacts_in_background(), webhooks_delivered():  # both done before the run ends
+        if attempt > 1 and finish_if_published(params.training_id):
+            return params.training_id  # a rerun after the manifest was written: the published model stands
+        tag_own_run(params)  # runs started from the UI or a schedule become visible to their owner
         raw = fetch_images(params)
         crops = crop_faces(params, raw)
         captions = caption_images(params, crops)

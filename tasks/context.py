@@ -67,14 +67,15 @@ class TooManyCrashes(RuntimeError):
     """A training crashed (worker or process died) more often than it may be rerun."""
 
 
-def check_run_count(training_id: str) -> None:
-    """Log which attempt this is; refuse to go on after ``MAX_RUNS`` crashed attempts."""
+def check_run_count(training_id: str) -> int:
+    """Log which attempt this is and return it; refuse to go on after ``MAX_RUNS`` crashed attempts."""
     from prefect.runtime import flow_run
 
     attempt = flow_run.run_count or 1
     run_logger().info("training %s, attempt %d", training_id, attempt)
     if attempt > MAX_RUNS:
         raise TooManyCrashes(f"the training crashed {attempt - 1} times (worker or process died); giving up")
+    return attempt
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

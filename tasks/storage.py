@@ -10,9 +10,9 @@ from pathlib import Path
 from prefect import task
 
 from flows.params import TrainingParams, TrainingStatus
-from flows.records import Manifest, StoredFile, training_prefix, write_manifest
+from flows.records import Manifest, StoredFile, read_manifest, training_prefix, write_manifest
 from tasks.artifacts import publish_model_artifacts
-from tasks.context import base_model, remove_workdir, report_stage, worker_store
+from tasks.context import base_model, remove_workdir, report_stage, run_logger, worker_store
 from tasks.registration import stage_seconds, timed_stage
 from tasks.train import TrainOutput
 
@@ -66,9 +66,30 @@ def publish_manifest(
         trained_between=trained.trained_between, stage_seconds=stage_seconds(), created_at=time.time(),
     )
     store = worker_store()
-    store.delete_prefix(f"{training_prefix(params.training_id)}checkpoints/")  # the model is complete without them
     write_manifest(store, manifest)
-    publish_model_artifacts(manifest, store)
-    report_stage(params.training_id, TrainingStatus.MODEL_READY, "ready", "model ready")
-    remove_workdir(params.training_id)
+    finish_published(manifest)
     return params.training_id
+
+
+def finish_published(manifest: Manifest) -> None:
+    """What follows a model's manifest: its checkpoints go (the model is complete without them), the
+    UI's artifacts name its files, the status says ready, the work folder goes. Idempotent."""
+    store = worker_store()
+    store.delete_prefix(f"{training_prefix(manifest.training_id)}checkpoints/")
+    publish_model_artifacts(manifest, store)
+    report_stage(manifest.training_id, TrainingStatus.MODEL_READY, "ready", "model ready")
+    remove_workdir(manifest.training_id)
+
+
+@task(name="finish-published")
+def finish_if_published(training_id: str) -> bool:
+    """A rerun of a run that crashed after it wrote its manifest: the published model stands as it is
+    (training again would replace its files under the links already handed out); only the steps after
+    the manifest are done again. Returns whether the model was published."""
+    manifest = read_manifest(worker_store(), training_id)
+    if manifest is None:
+        return False
+    run_logger().info("training %s was published by an earlier attempt; its model stands, nothing is trained again",
+                      training_id)
+    finish_published(manifest)
+    return True

@@ -177,6 +177,35 @@ def assert_model_complete(stack: RunningStack, training_id: str) -> int:
     return len(files)
 
 
+def test_a_crash_after_the_manifest_keeps_the_published_model_as_it_is(faulty: RunningStack, photos: list[Path]) -> None:
+    """The process dies after writing manifest.json (held at the "ready" report, then killed): the
+    status stays model_ready throughout, and the rerun neither trains again nor replaces a file that
+    links already point at; it only finishes what follows the manifest."""
+    import signal
+
+    faulty.hold("ready")
+    try:
+        training_id = create_training(faulty, photos, steps=8)
+        wait_for_stage(faulty, training_id, "ready")
+        published = read_manifest(faulty.store, training_id)
+        assert published is not None
+        os.kill(int(faulty.flow_run(training_id)["infrastructure_pid"]), signal.SIGKILL)
+    finally:
+        faulty.release("ready")
+    seen = set()
+
+    def rerun_finished() -> bool:
+        seen.add(faulty.status(training_id).json()["training_status"])
+        run = faulty.flow_run(training_id)
+        return run["run_count"] >= 2 and run["state"]["type"] == "COMPLETED"
+
+    wait_for(rerun_finished, 240, "the rerun after the crash")
+    assert seen == {"model_ready"}, seen
+    assert read_manifest(faulty.store, training_id) == published  # the same files, sha256 and all
+    assert_model_complete(faulty, training_id)
+    assert not faulty.store.list(f"{training_prefix(training_id)}checkpoints/")
+
+
 def test_s3_stopped_during_the_upload_is_retried_and_the_model_is_complete(
     faulty: RunningStack, s3: WeedS3Server, photos: list[Path]
 ) -> None:
