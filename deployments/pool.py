@@ -13,12 +13,22 @@ from prefect.client.schemas.actions import (
     WorkPoolCreate,
     WorkPoolUpdate,
 )
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.events.actions import RunDeployment
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled, Crashed, Scheduled
 from prefect.workers.process import ProcessWorker
 
 from flows.prefect_once import async_client
+from flows.records import APP_TAG
 from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -131,6 +141,42 @@ def prepare_crash_recovery(api_url: str) -> None:
     """Make sure the crash-rerun automation exists and starts the recovery deployment (after
     ``prefect deploy --all``, which creates that deployment)."""
     asyncio.run(_prepare_crash_recovery(api_url))
+
+
+INTERRUPTED = "its process stopped with the stack (dreamflow up stopped or crashed); dreamflow up started again"
+GOING = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+
+
+async def _recover_interrupted_runs(api_url: str, pool: str) -> list[str]:
+    async with async_client(api_url) as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=GOING))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])), limit=200,
+        )
+        recovery = await client.read_deployment_by_name(RECOVERY_DEPLOYMENT) if runs else None
+        done = []
+        for run in runs:
+            if run.state.type == StateType.CANCELLING:  # nothing is left to finish the cancel
+                await client.set_flow_run_state(run.id, Cancelled(message=f"cancelled; {INTERRUPTED}"), force=True)
+                done.append(f"{run.name}: cancelled")
+            elif APP_TAG in run.tags:  # a training: crash recovery reruns it from its last checkpoint (or fails it)
+                await client.set_flow_run_state(run.id, Crashed(message=f"crashed: {INTERRUPTED}"), force=True)
+                await client.create_flow_run_from_deployment(recovery.id, parameters={"crashed": str(run.id)},
+                                                             name=f"recover-{run.name}")
+                done.append(f"{run.name}: crashed, recovery started")
+            else:  # a cleanup, a recovery, a retraining: each may run again from its start
+                await client.set_flow_run_state(run.id, Scheduled(message=f"queued again; {INTERRUPTED}"), force=True)
+                done.append(f"{run.name}: queued again")
+        return done
+
+
+def recover_interrupted_runs(api_url: str, pool: str) -> list[str]:
+    """At the start of a stack whose Prefect server is its own, before its workers start: the pool's
+    runs still pending, running or cancelling lost their processes when the last stack stopped (its
+    processes stop together, the server with them, so nobody recorded their end). Each training is
+    marked Crashed and handed to crash recovery (it resumes from its last checkpoint); a cancel is
+    completed; any other run is queued again. Returns one line per run."""
+    return asyncio.run(_recover_interrupted_runs(api_url, pool))
 
 
 if __name__ == "__main__":  # python -m deployments.pool crash-recovery   (after prefect deploy --all)

@@ -155,6 +155,7 @@ class Stack:
     env: dict[str, str]
     log_dir: Path
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # runs the last stop had interrupted, and what became of them
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         """Start a long-running service in its own process group, logging to the data dir."""
@@ -227,6 +228,12 @@ def start_stack(settings: Settings, workers: int = 1) -> Stack:
             server = stack.spawn("prefect-server", server_command(settings.prefect_port))
             wait_http(f"{settings.prefect_api}/health", 90, server)
         _prepare_pool_and_deployments(stack, prefect)
+        if not settings.prefect_api_url:  # its own server: every run of the pool was this machine's
+            from deployments.pool import recover_interrupted_runs
+
+            stack.recovered = recover_interrupted_runs(settings.prefect_api, settings.work_pool)
+            for line in stack.recovered:
+                log.info("interrupted run %s", line)
         for index in range(workers):
             stack.spawn(f"worker-{index}", worker_command(settings, index))
         facade = stack.spawn("facade", [bin_path("uvicorn"), "api.app:create_app", "--factory", "--host",
@@ -281,7 +288,9 @@ def run_stack(settings: Settings, workers: int = 1) -> None:
         f"dreamflow is up\n  facade      http://{settings.api_host}:{settings.api_port}  (OpenAPI at /docs)\n"
         f"  Prefect UI  {settings.prefect_api.removesuffix('/api')}\n  API key     {key}\n"
         f"  storage     {storage_state(settings)}\n"
-        f"  logs        {stack.log_dir}\nPress Ctrl+C to stop.\n"
+        f"  logs        {stack.log_dir}\n"
+        + "".join(f"  interrupted {line}\n" for line in stack.recovered)  # by the last stop
+        + "Press Ctrl+C to stop.\n"
     )
     sys.stdout.flush()
     try:

@@ -315,3 +315,26 @@ def test_prefect_restarted_mid_training_answers_503_then_the_run_finishes(
         "slowest_answer_during_outage_s": {route: round(t, 2) for route, t in slowest.items()},
         "back_to_model_ready_s": to_ready, "gpu_slot_free_after_ready_s": slot_free_s, "files_verified": assert_model_complete(faulty, training_id),
     }, LOAD_BEFORE)
+
+
+def test_a_training_cut_off_by_a_whole_stack_stop_resumes_after_dreamflow_up(
+    faulty: RunningStack, photos: list[Path]
+) -> None:
+    """Every process stops together (Ctrl+C of dreamflow up, or the machine goes down): nobody records
+    the run's end, and Prefect keeps it Running. The next dreamflow up marks it Crashed and hands it
+    to crash recovery, which reruns it from its last checkpoint. (Last in this module: it restarts
+    the module's stack.)"""
+    from deployments.stack import start_stack
+
+    every = faulty.settings.checkpoint_every
+    training_id = create_training(faulty, photos, steps=12 * every)
+    wait_for(lambda: faulty.status(training_id).json()["progress"]["step"] > every + 2, 300, "a stored checkpoint")
+    faulty.stack.stop()
+    faulty.stack = start_stack(faulty.settings)
+    assert f"{training_id}: crashed, recovery started" in faulty.stack.recovered, faulty.stack.recovered
+    status, seen = faulty.wait_until_done(training_id, KEYS[0], timeout_s=400)
+    assert status["training_status"] == "model_ready", (status, seen)
+    manifest = read_manifest(faulty.store, training_id)
+    assert manifest is not None and manifest.resumed_from is not None and manifest.resumed_from >= every, manifest
+    assert manifest.steps == 12 * every and faulty.flow_run(training_id)["run_count"] == 2
+    assert_model_complete(faulty, training_id)
