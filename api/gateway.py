@@ -269,13 +269,15 @@ class PrefectGateway:
         await self._call(lambda: self._client.update_flow_run(run.flow_run_id, tags=tags))
         return _as_training_run(current)
 
-    async def start_cleanup(self, training_id: str, run: TrainingRun, reason: str) -> None:
-        """Queue the cleanup flow that waits for the run to end, then removes its artifacts."""
+    async def start_cleanup(self, training_id: str, run: TrainingRun, reason: str, tell_webhook: bool = True) -> None:
+        """Queue the cleanup flow that waits for the run to end, then removes its artifacts; with
+        ``tell_webhook``, it tells the training's webhook (if any) that the training was cancelled."""
         deployment_id = await self._deployment_id(CLEANUP_DEPLOYMENT)
+        webhook = run.parameters.get("webhook") if tell_webhook else None
         await self._call(lambda: self._client.create_flow_run_from_deployment(
             deployment_id,
             parameters={"training_id": training_id, "flow_run_id": str(run.flow_run_id), "reason": reason,
-                        "webhook": run.parameters.get("webhook")},
+                        "webhook": webhook},
             name=f"cleanup-{training_id}",
             tags=[CLEANUP_TAG, f"cleanup:{training_id}"],
         ))

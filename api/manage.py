@@ -79,11 +79,13 @@ async def delete_training(training_id: str, owner: Owner, gateway: GatewayDep, s
     """Cancel the training if it runs, forget its id at once, and remove every stored artifact."""
     run = await gateway.forget_training(await owned_run(gateway, training_id, owner), owner)
     admission.queue.forget(training_id)
-    if run.state in ACTIVE:
+    going = run.state in ACTIVE
+    if going:
         running = await gateway.cancel_training(run, owner)
     else:
         running = run.state == StateType.CANCELLING
-    await gateway.start_cleanup(training_id, run, "deleted")  # removes the files once no process writes them
+    # removes the files once no process writes them; a training still going ends cancelled: its webhook hears so
+    await gateway.start_cleanup(training_id, run, "deleted", tell_webhook=going)
     removed = not running and await remove_now(store, training_id)
     files = "its files are removed" if removed else "its files are being removed"
     return MessagePublic(messege="model deleted", data=f"model {training_id} deleted; {files}")

@@ -27,14 +27,16 @@ def cleanup_training(
         flow_run_id: Its flow run; the cleanup waits until that run has ended. Empty: each flow run of
             the training (started from the UI, name only the training).
         reason: "deleted" also takes the training out of its owner's list, as a delete through the
-            API does; "cancelled" tells the training's webhook instead.
-        webhook: The training's webhook URL, if it had one.
+            API does.
+        webhook: The webhook to tell that the training was cancelled (its last status), if any: the
+            API gives it for a cancel, and for a delete of a training that was still going.
     """
     wait_for_run_end(training_id, str(flow_run_id) if flow_run_id else None)
     if reason == "deleted":
         forget_training(training_id)
     removed = delete_artifacts(training_id)
-    if reason == "cancelled":
-        announce_cancelled(training_id, webhook)
+    if webhook:
+        announce_cancelled(training_id, webhook, "training cancelled by the owner" if reason == "cancelled"
+                           else "training cancelled: the owner deleted it")
         flush_webhooks()
     return removed

@@ -69,7 +69,6 @@ def delete_artifacts(training_id: str) -> int:
 
 
 @task(name="announce-cancelled")
-def announce_cancelled(training_id: str, webhook: str | None) -> None:
+def announce_cancelled(training_id: str, webhook: str, logs: str) -> None:
     """Tell the training's webhook that it was cancelled."""
-    if webhook:
-        notify_webhook(training_id, webhook, "cancelled", "training cancelled by the owner")
+    notify_webhook(training_id, webhook, "cancelled", logs)

@@ -278,6 +278,23 @@ def test_webhooks_are_signed_retried_and_follow_the_status_order(
     assert set(bodies[-1]) >= {"status", "training_status", "logs", "model_id"}
 
 
+def test_deleting_a_running_training_tells_its_webhook_it_was_cancelled(
+    stack: RunningStack, photos: list[Path], receiver: ThreadingHTTPServer
+) -> None:
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    body = example("lora_fine_tune", photos[:1], base_model_id="tiny", max_train_steps="3000", webhook=url)
+    with stack.client() as client:
+        training_id = client.post("/api/v3/lora_fine_tune", json=body).json()["training_id"]
+        stack.wait_until_done(training_id, KEYS[0], until={"training_started"})
+        assert client.post(f"/api/v3/finetune/delete/{training_id}", json={"key": KEYS[0]}).status_code == 200
+    deadline = time.monotonic() + 90
+    while not any(b'"cancelled"' in body for _, body in receiver.calls) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.2)
+    last = json.loads(receiver.calls[-1][1])  # type: ignore[attr-defined]
+    assert last["training_status"] == "cancelled" and last["model_id"] == training_id, last
+    assert "deleted" in last["logs"]
+
+
 def test_webhook_to_a_private_address_is_refused_by_default() -> None:
     from flows.netguard import AddressRefused, check_public_url
 
