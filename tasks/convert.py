@@ -1,7 +1,7 @@
 """Stage 5: convert the trained weights to the formats people load.
 
-LoRA: diffusers file + kohya/A1111/ComfyUI file. LyCORIS (LoHa/LoKr): the peft adapter file + the
-A1111/ComfyUI LyCORIS layout. DreamBooth: a single-file LDM checkpoint + the diffusers folder (zip).
+LoRA: diffusers file + kohya/A1111/ComfyUI file. LyCORIS (LoHa/LoKr): the peft adapter file
+(``lycoris_peft``) + the A1111/ComfyUI LyCORIS layout (``lora_kohya``). DreamBooth: a single-file LDM checkpoint + the diffusers folder (zip).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def lycoris(params: TrainingParams, trained: TrainOutput, export_dir: Path) -> d
         alpha=trained.alpha, rank=trained.rank, base_model=params.base_model_id, family=trained.family,
         extra_metadata={"ss_training_comment": params.instance_prompt, "ss_steps": str(trained.steps)},
     )
-    return {"lora_diffusers": trained.weights, "lora_kohya": str(exported)}
+    # diffusers reads no LoHa/LoKr file: the peft file is named for what loads it
+    return {"lycoris_peft": trained.weights, "lora_kohya": str(exported)}
 
 
 def zip_folder(folder: Path, dest: Path) -> Path:

@@ -155,6 +155,14 @@ def test_lycoris_training_exports_the_a1111_layout(stack: RunningStack, photos: 
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert any(k.endswith(".hada_w1_a") for k in keys) and any(k.endswith(".alpha") for k in keys)
     assert metadata["ss_network_module"] == "lycoris.kohya"
+    # diffusers reads neither LoHa file: the peft one is not offered under a diffusers name, and peft loads it
+    assert "lora_diffusers" not in status["links"]
+    peft_file = _download(status["links"]["lycoris_peft"], tmp_path / "pytorch_lycoris_weights.safetensors")
+    from tasks.sampling import lora_output_difference
+    from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd
+
+    assert lora_output_difference(str(build_tiny_sd(tmp_path / "tiny")), peft_file, PROMPT, seed=0,
+                                  resolution=TINY_RESOLUTION) > 0.0
 
 
 def _download(url: str, dest: Path) -> Path:
