@@ -31,6 +31,9 @@ TINY_SDXL_RESOLUTION = 64
 _TIME_EMBED = 8
 
 _HIDDEN = 32
+# SDXL's second encoder is wider than its first (1280 against 768), and diffusers' single-file loader
+# tells the two apart by width: the tiny twin's must differ too.
+_HIDDEN_2 = 48
 _MAX_TOKENS = 77
 _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
@@ -74,18 +77,18 @@ def _build_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def _build_text_encoder(
-    vocab_size: int, eos_token_id: int, bos_token_id: int, with_projection: bool = False
+    vocab_size: int, eos_token_id: int, bos_token_id: int, with_projection: bool = False, hidden: int = _HIDDEN
 ) -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=_HIDDEN,
+        hidden_size=hidden,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=_MAX_TOKENS,
-        projection_dim=_HIDDEN,
+        projection_dim=hidden,
         eos_token_id=eos_token_id,
         bos_token_id=bos_token_id,
         pad_token_id=eos_token_id,
@@ -103,7 +106,7 @@ def _build_unet(sdxl: bool = False) -> UNet2DConditionModel:
         extra = {
             "addition_embed_type": "text_time",
             "addition_time_embed_dim": _TIME_EMBED,
-            "projection_class_embeddings_input_dim": 6 * _TIME_EMBED + _HIDDEN,
+            "projection_class_embeddings_input_dim": 6 * _TIME_EMBED + _HIDDEN_2,  # the pooled projection
         }
     return UNet2DConditionModel(
         **extra,
@@ -114,7 +117,7 @@ def _build_unet(sdxl: bool = False) -> UNet2DConditionModel:
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=2 * _HIDDEN if sdxl else _HIDDEN,
+        cross_attention_dim=_HIDDEN + _HIDDEN_2 if sdxl else _HIDDEN,  # SDXL: both encoders' states
         attention_head_dim=8,
         norm_num_groups=32,
     )
@@ -186,7 +189,8 @@ def _build_sdxl_into(folder: Path, seed: int) -> None:
         text_encoder = _build_text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
         torch.manual_seed(seed + 1)
         text_encoder_2 = _build_text_encoder(
-            len(tokenizer_2), tokenizer_2.eos_token_id, tokenizer_2.bos_token_id, with_projection=True
+            len(tokenizer_2), tokenizer_2.eos_token_id, tokenizer_2.bos_token_id, with_projection=True,
+            hidden=_HIDDEN_2,
         )
         torch.manual_seed(seed)
         unet = _build_unet(sdxl=True)
