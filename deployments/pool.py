@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from uuid import UUID
 
+from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
@@ -34,6 +35,7 @@ from flows.settings import GPU_CONCURRENCY_LIMIT as GPU_LIMIT
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 RERUN_AUTOMATION = "dreamflow: rerun crashed trainings"
 RECOVERY_DEPLOYMENT = "dreamflow-crash-recovery/recover-crashed"
+MAINTENANCE_QUEUE = "maintenance"  # prefect.yaml's cleanup and recover-crashed deployments use it
 
 
 def rerun_crashed_trainings(recovery_deployment: UUID) -> AutomationCore:
@@ -74,11 +76,24 @@ async def _prepare(api_url: str, pool: str, gpu_slots: int, command: str | None)
                 name=pool, type="process", description="dreamflow trainings and cleanups",
                 base_job_template=job_template(command),
             ))
+        await _prepare_maintenance_queue(client, pool)
         try:
             await client.read_global_concurrency_limit_by_name(GPU_LIMIT)
             await client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=gpu_slots))
         except ObjectNotFound:
             await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=gpu_slots))
+
+
+async def _prepare_maintenance_queue(client: PrefectClient, pool: str) -> None:
+    """The pool's queue for cleanups and crash recoveries, first in priority (Prefect hands a worker
+    the runs of higher-priority queues first; the pool's "default" queue moves behind it)."""
+    try:
+        queue = await client.read_work_queue_by_name(MAINTENANCE_QUEUE, work_pool_name=pool)
+        if queue.priority != 1:
+            await client.update_work_queue(queue.id, priority=1)
+    except ObjectNotFound:
+        await client.create_work_queue(MAINTENANCE_QUEUE, work_pool_name=pool, priority=1,
+                                       description="cleanups and crash recoveries, ahead of queued trainings")
 
 
 def prepare_orchestration(api_url: str, pool: str, gpu_slots: int, command: str | None = None) -> None:

@@ -25,7 +25,7 @@ from prefect.settings import (
 )
 from prefect.states import State
 from prefectruns import read_deployment, read_flow_run, start_deployment, wait_for_final
-from stackserver import KEYS, RunningStack
+from stackserver import KEYS, RunningStack, prefect_request
 
 from pydantic import ValidationError
 
@@ -63,6 +63,19 @@ def test_prefect_yaml_lists_every_deployment_with_an_existing_flow() -> None:
         assert isinstance(entrypoint_flow(deployment["entrypoint"]), Flow), name
         assert deployment.get("description"), name
     assert [s["cron"] for s in listed["retrain"]["schedules"]] == ["0 3 * * *"]
+
+
+def test_cleanups_and_recoveries_are_handed_out_before_queued_trainings(stack: RunningStack) -> None:
+    """Prefect gives a worker the runs of the pool's queues in priority order (lower first): the
+    cleanup and recovery deployments' queue is ahead of the trainings' "default" queue."""
+    queues = {q["name"]: q["priority"] for q in prefect_request(
+        "POST", f"{stack.settings.prefect_api}/work_pools/{stack.settings.work_pool}/queues/filter", {}).json()}
+    assert queues["maintenance"] < queues["default"], queues
+    api = stack.settings.prefect_api
+    assert read_deployment(api, "dreamflow-cleanup/cleanup").work_queue_name == "maintenance"
+    assert read_deployment(api, "dreamflow-crash-recovery/recover-crashed").work_queue_name == "maintenance"
+    for training in ("lora", "dreambooth", "sandbox"):
+        assert read_deployment(api, f"dreamflow-training/{training}").work_queue_name == "default", training
 
 
 def test_the_embedded_process_pool_starts_runs_in_the_checkout() -> None:
