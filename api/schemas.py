@@ -115,13 +115,21 @@ def _image_problem(url: Any) -> str | None:
     return http_url_problem(url)
 
 
-class FineTuneRequest(TrainingRequest):
+class DreamBoothRequest(TrainingRequest):
+    """Fields of both DreamBooth calls."""
+
+    half_precision: Annotated[bool, BeforeValidator(lambda v: _default(v, False))] = Field(
+        False, description="dreamflow's addition: export the checkpoint and the diffusers folder in fp16 "
+                           "(half the size: about 2 GB instead of 4 GB each for an SD 1.5 model).")
+
+
+class FineTuneRequest(DreamBoothRequest):
     """Body of ``/api/v3/fine_tune`` (DreamBooth)."""
 
     max_train_steps: Annotated[int | None, Nullable, Number] = Field(None, ge=1, examples=["2000"])
 
 
-class FineTuneV2Request(TrainingRequest):
+class FineTuneV2Request(DreamBoothRequest):
     """Body of ``/api/v3/fine_tune_v2``: separate UNet / text-encoder rates and step counts."""
 
     learning_rate_unet: Annotated[float, BeforeValidator(lambda v: _default(v, 1e-6)), Number] = Field(1e-6, gt=0, le=1)

@@ -68,7 +68,7 @@ def dreambooth_params(req: FineTuneRequest, owner: str, settings: Settings, entr
     return TrainingParams(
         **_common(req, owner, settings, entry), method="dreambooth",
         max_train_steps=_steps(req.max_train_steps, len(req.images), settings),
-        learning_rate=entry.dreambooth_learning_rate,
+        learning_rate=entry.dreambooth_learning_rate, half_precision=req.half_precision,
     )
 
 
@@ -82,7 +82,7 @@ def dreambooth_v2_params(req: FineTuneV2Request, owner: str, settings: Settings,
     return TrainingParams(
         **_common(req, owner, settings, entry), method="dreambooth", max_train_steps=steps,
         learning_rate=req.learning_rate_unet, text_encoder_learning_rate=req.learning_rate_text_encoder,
-        text_encoder_steps=req.steps_text_encoder,
+        text_encoder_steps=req.steps_text_encoder, half_precision=req.half_precision,
     )
 
 

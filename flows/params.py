@@ -68,7 +68,7 @@ class TrainingParams(BaseModel):
     )
     text_encoder_learning_rate: float = Field(1e-6, gt=0, le=1.0, description="Learning rate of the text encoder.")
     text_encoder_steps: int = Field(0, ge=0, description="Steps the text encoder trains (DreamBooth); 0 keeps it frozen.")
-    half_precision: bool = Field(False, description="Export DreamBooth checkpoints in fp16 (half the size).")
+    half_precision: bool = Field(False, description="Export DreamBooth's checkpoint and diffusers folder in fp16 (half the size).")
     sample_count: int = Field(2, ge=0, le=8, description="Sample images generated from the trained model.")
     sample_steps: int = Field(20, ge=1, le=150, description="Denoising steps of each sample image.")
     webhook: str | None = Field(None, description="URL that receives status changes.")

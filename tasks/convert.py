@@ -54,12 +54,39 @@ def zip_folder(folder: Path, dest: Path) -> Path:
     return dest
 
 
+def half_folder(folder: Path, dest: Path) -> Path:
+    """A copy of a diffusers folder whose floating-point weights are fp16 (configs and tokenizers as they are)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(folder.rglob("*")):
+        target = dest / path.relative_to(folder)
+        if path.is_dir():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix != ".safetensors":
+            shutil.copy2(path, target)
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata()
+        save_file({key: value.to(torch.float16) if value.is_floating_point() else value
+                   for key, value in tensors.items()}, str(target), metadata=metadata)
+    return dest
+
+
 def dreambooth(params: TrainingParams, trained: TrainOutput, export_dir: Path) -> dict[str, str]:
     from tasks.single_file import save_single_file
 
     checkpoint = save_single_file(Path(trained.weights), export_dir / f"{params.training_id}.safetensors",
                                   family=trained.family, half=params.half_precision)
-    folder = zip_folder(Path(trained.weights), export_dir / f"{params.training_id}-diffusers.zip")
+    pipeline = Path(trained.weights)
+    if params.half_precision:
+        pipeline = half_folder(pipeline, export_dir / "diffusers-fp16")
+    folder = zip_folder(pipeline, export_dir / f"{params.training_id}-diffusers.zip")
+    if params.half_precision:
+        shutil.rmtree(pipeline, ignore_errors=True)
     return {"checkpoint": str(checkpoint), "diffusers": str(folder)}
 
 

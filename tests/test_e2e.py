@@ -113,19 +113,28 @@ def test_lora_training_from_rest_call_to_loadable_weights(
 def test_dreambooth_v2_gives_a_single_file_checkpoint_that_diffusers_loads(
     stack: RunningStack, photos: list[Path], tmp_path: Path
 ) -> None:
+    import torch
+
     with stack.client() as client:
         created = client.post("/api/v3/fine_tune_v2", json={
             "key": KEYS[0], "instance_prompt": PROMPT, "class_prompt": "photo of person", "base_model_id": "tiny",
             "images": [data_uri(p) for p in photos[:2]], "seed": "0", "training_type": "women",
             "learning_rate_unet": "1e-3", "steps_unet": "8", "learning_rate_text_encoder": None,
-            "steps_text_encoder": "4", "webhook": None,
+            "steps_text_encoder": "4", "webhook": None, "half_precision": "true",
         }).json()
     status, _ = stack.wait_until_done(created["training_id"], KEYS[0])
     assert status["training_status"] == "model_ready", status
     assert set(status["links"]) >= {"checkpoint", "diffusers", "samples", "loss_curve"}
     checkpoint = _download(status["links"]["checkpoint"], tmp_path / "model.safetensors")
+    archive = _download(status["links"]["diffusers"], tmp_path / "model-diffusers.zip")
+    import zipfile
 
-    import torch
+    from safetensors.torch import load, load_file
+
+    with zipfile.ZipFile(archive) as unzipped:  # half_precision: both exports are fp16
+        unet = load(unzipped.read("unet/diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in unet.values()} == {t.dtype for t in load_file(str(checkpoint)).values()} == {torch.float16}
+
     from diffusers import StableDiffusionPipeline
 
     from tasks.tiny_models import TINY_RESOLUTION, build_tiny_sd

@@ -103,6 +103,24 @@ def test_fp16_single_file_is_half_and_loads(tiny: Path, folder_image: np.ndarray
     assert np.abs(render(pipe) - folder_image).max() < 0.05
 
 
+def test_the_fp16_diffusers_folder_is_half_and_loads(tiny: Path, folder_image: np.ndarray, tmp_path: Path) -> None:
+    """`half_precision` also halves the diffusers export (it halved only the single file once)."""
+    from diffusers import StableDiffusionPipeline
+
+    from tasks.convert import half_folder
+
+    half = half_folder(tiny, tmp_path / "half")
+    weights = sorted(half.rglob("*.safetensors"))
+    assert len(weights) == len(list(tiny.rglob("*.safetensors"))) >= 3
+    for path in weights:
+        assert {t.dtype for t in load_file(str(path)).values()} == {torch.float16}, path
+        assert path.stat().st_size < 0.6 * (tiny / path.relative_to(half)).stat().st_size
+    pipe = StableDiffusionPipeline.from_pretrained(half, local_files_only=True, torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    pipe.to(torch.float32)  # render on CPU in fp32 from the fp16 weights
+    assert np.abs(render(pipe) - folder_image).max() < 0.05
+
+
 # --- LyCORIS LoHa / LoKr ---------------------------------------------------------------------
 
 
