@@ -29,6 +29,8 @@ log = logging.getLogger("dreamflow.stack")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 10.0
+RESTART_LIMIT = 3  # exits of one service within the window that stop the stack instead of a restart
+RESTART_WINDOW_S = 60.0
 
 
 class StackError(RuntimeError):
@@ -156,15 +158,47 @@ class Stack:
     log_dir: Path
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)  # runs the last stop had interrupted, and what became of them
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    exits: dict[str, list[float]] = field(default_factory=dict)  # when each service last exited
+    old_groups: list[subprocess.Popen] = field(default_factory=list)  # of services since started again
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         """Start a long-running service in its own process group, logging to the data dir."""
+        proc = self._start(name, args)
+        self.processes.append((name, proc))
+        self.commands[name] = args
+        return proc
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log_file = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(args, env=self.env, cwd=PROJECT_DIR, stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        self.processes.append((name, proc))
         log.info("started %s (pid %d), log %s", name, proc.pid, log_file.name)
         return proc
+
+    def supervise(self) -> list[str]:
+        """Start again each service that has exited (the facade, a worker, the warm runner, the Prefect
+        server), so one crash does not stop the others and the trainings they run; a service that
+        exits ``RESTART_LIMIT`` times within ``RESTART_WINDOW_S`` is a StackError. Returns what was
+        started again.
+
+        A dead service's process group is not signalled: a worker's flow runs live on in it and
+        finish their trainings; :meth:`stop` ends them with the rest."""
+        again = []
+        now = time.monotonic()
+        for index, (name, proc) in enumerate(self.processes):
+            if proc.poll() is None:
+                continue
+            exits = [t for t in self.exits.get(name, []) if now - t < RESTART_WINDOW_S] + [now]
+            self.exits[name] = exits
+            if len(exits) > RESTART_LIMIT:
+                raise StackError(f"{name} exited with code {proc.returncode} {len(exits)} times within "
+                                 f"{RESTART_WINDOW_S:.0f} s; see {self.log_dir / name}.log")
+            log.warning("%s exited with code %s; starting it again", name, proc.returncode)
+            self.old_groups.append(proc)
+            self.processes[index] = (name, self._start(name, self.commands[name]))
+            again.append(name)
+        return again
 
     def run(self, args: list[str], timeout_s: float = 120.0) -> None:
         """Run a one-off command (work pool, deploy) and fail loudly with its output."""
@@ -174,6 +208,8 @@ class Stack:
 
     def stop(self) -> None:
         """SIGTERM every process group, newest first; SIGKILL whatever outlives the grace period."""
+        for proc in self.old_groups:  # what is left of services that died (a dead worker's flow runs)
+            _signal_group(proc, signal.SIGTERM)
         for _, proc in reversed(self.processes):
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
@@ -184,7 +220,10 @@ class Stack:
                 log.warning("%s did not stop in time; killing it", name)
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
+        for proc in self.old_groups:
+            _signal_group(proc, signal.SIGKILL)
         self.processes.clear()
+        self.old_groups.clear()
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
@@ -295,9 +334,9 @@ def run_stack(settings: Settings, workers: int = 1) -> None:
     sys.stdout.flush()
     try:
         while not stopping["now"]:
-            for name, proc in stack.processes:
-                if proc.poll() is not None:
-                    raise StackError(f"{name} exited with code {proc.returncode}; see {stack.log_dir / name}.log")
+            for name in stack.supervise():
+                sys.stdout.write(f"{name} exited; started again (see {stack.log_dir / name}.log)\n")
+                sys.stdout.flush()
             time.sleep(0.5)
     finally:
         stack.stop()
