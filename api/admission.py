@@ -22,9 +22,11 @@ from flows.params import TrainingParams
 FULL_FRESH_S = 1.0
 
 
-def queue_full(limit: int, retry_after_s: int) -> ApiError:
+def queue_full(limit: int, retry_after_s: int, per_key: bool = False) -> ApiError:
+    whose = "of this API key " if per_key else ""
     return ApiError(
-        429, f"too many trainings queued or running (limit {limit}); retry in {retry_after_s} s",
+        429, f"too many trainings {whose}queued or running (limit {limit}{' per key' if per_key else ''}); "
+             f"retry in {retry_after_s} s",
         headers={"Retry-After": str(retry_after_s)},
     )
 
@@ -39,14 +41,16 @@ class Admission:
     """
 
     def __init__(self, gateway: PrefectGateway, limit: int, retry_after_s: int, queue: QueueView,
-                 full_fresh_s: float = FULL_FRESH_S) -> None:
+                 per_key_limit: int | None = None, full_fresh_s: float = FULL_FRESH_S) -> None:
         self.limit = limit
+        self.per_key_limit = per_key_limit or limit  # one key's share: it cannot lock the others out
         self.queue = queue  # what is ahead of a training admitted now
         self.retry_after_s = retry_after_s
         self._gateway = gateway
         self._lock = asyncio.Lock()
         self._full_fresh_s = full_fresh_s
         self._full_seen_at: float | None = None
+        self._active = 0  # active trainings at the last count
 
     def recently_full(self) -> bool:
         """Whether a count less than ``full_fresh_s`` ago found the queue full (no I/O)."""
@@ -58,18 +62,24 @@ class Admission:
             raise queue_full(self.limit, self.retry_after_s)
 
     async def _count_says_full(self) -> bool:
-        full = await self._gateway.count_active_trainings() >= self.limit
+        self._active = await self._gateway.count_active_trainings()
+        full = self._active >= self.limit
         self._full_seen_at = time.monotonic() if full else None
         return full
+
+    async def _owner_has_its_share(self, owner: str) -> bool:
+        """Whether ``owner`` holds ``per_key_limit`` active trainings (asked only when that many are active)."""
+        return self._active >= self.per_key_limit and await self._gateway.count_active_trainings(owner) >= self.per_key_limit
 
     async def start_training(self, deployment: str, params: TrainingParams, idempotency_key: str | None) -> TrainingRun:
         """Queue the run if fewer than ``limit`` trainings are active; 429 otherwise."""
         gateway = self._gateway
         async with self._lock:
-            if self.recently_full() or await self._count_says_full():
+            full = self.recently_full() or await self._count_says_full()
+            if full or await self._owner_has_its_share(params.owner):
                 replay = await gateway.find_by_idempotency_key(params.owner, idempotency_key) if idempotency_key else None
                 if replay is None:
-                    raise queue_full(self.limit, self.retry_after_s)
+                    raise queue_full(self.limit if full else self.per_key_limit, self.retry_after_s, per_key=not full)
                 return replay
             run = await gateway.start_training(deployment, params, idempotency_key)
             if run.training_id == params.training_id:  # new, not an idempotent replay's first run

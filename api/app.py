@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.status_cache = StatusCache(functools.partial(
                     status_body, app.state.store, settings, app.state.registry, app.state.queue.wait_for))
                 app.state.admission = Admission(gateway, settings.max_queued, settings.queue_retry_after_s,
-                                                app.state.queue)
+                                                app.state.queue, settings.max_queued_per_key)
                 # Prefect's import leaves ~10^5 long-lived objects; frozen, full collections stop
                 # walking them (they were the status endpoint's slowest answers under load).
                 gc.collect()

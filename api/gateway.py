@@ -282,11 +282,13 @@ class PrefectGateway:
             tags=[CLEANUP_TAG, f"cleanup:{training_id}"],
         ))
 
-    async def count_active_trainings(self) -> int:
-        """Trainings (flow runs tagged ``dreamflow``) queued, pending, running or paused, of every owner."""
+    async def count_active_trainings(self, owner: str | None = None) -> int:
+        """Trainings (flow runs tagged ``dreamflow``) queued, pending, running or paused, of every owner
+        or of ``owner``."""
         active = FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(ACTIVE)))
+        tags = [APP_TAG] if owner is None else [APP_TAG, owner_tag(owner)]
         return await self._call(lambda: self._client.count_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[APP_TAG]), state=active)
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags), state=active)
         ))
 
     async def active_trainings(self, limit: int = QUEUE_LIMIT) -> list[TrainingRun]:

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     max_queued: int = Field(
         100, ge=1, description="Trainings that may be queued or running at once; create requests past it get 429."
     )
+    max_queued_per_key: int = Field(
+        50, ge=1, description="Trainings one API key may have queued or running at once (its share of max_queued); "
+                              "its create requests past it get 429, other keys' do not."
+    )
     queue_retry_after_s: int = Field(30, ge=1, description="Retry-After (seconds) of a create refused by max_queued.")
     checkpoint_every: int = Field(100, ge=1, description="Training steps between checkpoints in the store.")
     warm_runner: bool = Field(
