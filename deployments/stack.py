@@ -206,6 +206,20 @@ class Stack:
         if done.returncode != 0:
             raise StackError(f"{' '.join(args[:3])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
+    def retire(self, name: str) -> None:
+        """Stop one service for good: supervision no longer starts it again."""
+        for index, (known, proc) in enumerate(self.processes):
+            if known == name:
+                del self.processes[index]
+                self.commands.pop(name, None)
+                _signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+                return
+
     def stop(self) -> None:
         """SIGTERM every process group, newest first; SIGKILL whatever outlives the grace period."""
         for proc in self.old_groups:  # what is left of services that died (a dead worker's flow runs)

@@ -169,14 +169,12 @@ def wait_for_worker(stack: RunningStack, name: str, timeout_s: float = 90) -> No
 def test_two_workers_share_one_gpu_slot_and_finish_every_training(stack: RunningStack, photos: list[Path]) -> None:
     """A second worker joins the pool; four queued trainings at DREAMFLOW_GPU_SLOTS=1: both workers
     take work, no two trainings hold the GPU at once, all four finish."""
-    import subprocess
-
     import httpx
 
     from deployments.stack import worker_command
 
     assert stack.settings.gpu_slots == 1
-    second = stack.stack.spawn("worker-1", worker_command(stack.settings, 1))
+    stack.stack.spawn("worker-1", worker_command(stack.settings, 1))
     try:
         wait_for_worker(stack, "dreamflow-worker-1")
         with stack.client() as client:
@@ -202,8 +200,4 @@ def test_two_workers_share_one_gpu_slot_and_finish_every_training(stack: Running
             log = (stack.stack.log_dir / f"{name}.log").read_text()
             assert any(f"submitting flow run '{run_id}'" in log for run_id in run_ids), f"{name} took none of them"
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(15)
-        except subprocess.TimeoutExpired:
-            second.kill()
+        stack.stack.retire("worker-1")  # stopped for good: the stack's supervision would start it again

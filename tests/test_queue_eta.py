@@ -17,15 +17,15 @@ from flows.params import StageRecord, TrainingStatus
 from flows.registry import BaseModelEntry
 
 SECONDS_PER_STEP = 0.5
-NOW = datetime.now(timezone.utc)
 
 
 def a_run(name: str, state: StateType = StateType.SCHEDULED, created_s_ago: float = 0.0, steps: int = 100,
           running_for_s: float | None = None) -> TrainingRun:
+    now = datetime.now(timezone.utc)
     return TrainingRun(
         training_id=name, flow_run_id=uuid.uuid4(), state=state, state_message=None,
-        created=NOW - timedelta(seconds=created_s_ago), parameters={"max_train_steps": steps, "base_model_id": "m"},
-        state_since=NOW - timedelta(seconds=running_for_s) if running_for_s is not None else None,
+        created=now - timedelta(seconds=created_s_ago), parameters={"max_train_steps": steps, "base_model_id": "m"},
+        state_since=now - timedelta(seconds=running_for_s) if running_for_s is not None else None,
     )
 
 

@@ -176,6 +176,10 @@ def test_a_training_in_progress_and_its_cancel(facade: InProcessFacade, stack: R
         url = ROUTES[0].format(id=training_id)
         queued = same_answer(facade, url, ALICE).json()
         stack.wait_until_done(training_id, ALICE, until={"training_started"})
+        deadline = time.monotonic() + 10  # this facade's caches may hold the data-preparation answer for 1 s
+        while slow(client, url, ALICE).json()["training_status"] != "training_started":
+            assert time.monotonic() < deadline, "this facade never said training_started"
+            time.sleep(0.2)
         running = same_answer(facade, url, ALICE).json()
         assert client.post(f"/api/v3/cancel_training/{training_id}", json={"key": ALICE}).status_code == 200
         cancelled = fast(client, url, ALICE).json()  # at once, though the cached answer said "running"
