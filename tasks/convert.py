@@ -6,6 +6,8 @@ LoRA: diffusers file + kohya/A1111/ComfyUI file. LyCORIS (LoHa/LoKr): the peft a
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -76,6 +78,21 @@ def half_folder(folder: Path, dest: Path) -> Path:
     return dest
 
 
+def name_base_model_by_id(folder: Path, base_model_id: str) -> None:
+    """The folder's configs name the base model by its registry id, not by the server folder it was
+    read from (diffusers writes that path as ``_name_or_path``; it means nothing to a user)."""
+    for path in folder.rglob("*.json"):
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(config, dict) and "_name_or_path" in config:
+            config["_name_or_path"] = base_model_id
+            partial = path.with_name(f".{path.name}.partial")  # the samples may be reading the folder meanwhile
+            partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(partial, path)
+
+
 def dreambooth(params: TrainingParams, trained: TrainOutput, export_dir: Path) -> dict[str, str]:
     from tasks.single_file import save_single_file
 
@@ -84,6 +101,7 @@ def dreambooth(params: TrainingParams, trained: TrainOutput, export_dir: Path) -
     pipeline = Path(trained.weights)
     if params.half_precision:
         pipeline = half_folder(pipeline, export_dir / "diffusers-fp16")
+    name_base_model_by_id(pipeline, params.base_model_id)
     folder = zip_folder(pipeline, export_dir / f"{params.training_id}-diffusers.zip")
     if params.half_precision:
         shutil.rmtree(pipeline, ignore_errors=True)

@@ -133,6 +133,10 @@ def test_dreambooth_v2_gives_a_single_file_checkpoint_that_diffusers_loads(
 
     with zipfile.ZipFile(archive) as unzipped:  # half_precision: both exports are fp16
         unet = load(unzipped.read("unet/diffusion_pytorch_model.safetensors"))
+        configs = {name: unzipped.read(name).decode() for name in unzipped.namelist() if name.endswith(".json")}
+    # the configs name the base model by its id, not by this server's folders
+    assert json.loads(configs["model_index.json"])["_name_or_path"] == "tiny"
+    assert not [name for name, text in configs.items() if str(stack.settings.resolved_data_dir) in text]
     assert {t.dtype for t in unet.values()} == {t.dtype for t in load_file(str(checkpoint)).values()} == {torch.float16}
 
     from diffusers import StableDiffusionPipeline
