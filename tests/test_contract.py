@@ -198,7 +198,8 @@ def test_an_idempotency_key_of_a_deleted_training_is_refused_not_answered_with_i
         assert again.status_code == 409, again.text
         assert first["training_id"] in again.json()["messege"] and "new key" in again.json()["messege"]
         assert stack.flow_run_count() == before
-        assert not set(stack.store.list("trainings/")) - stored  # its data: image was not left behind
+        # its data: image was not left behind (other trainings' records may change meanwhile)
+        assert not [key for key in set(stack.store.list("trainings/")) - stored if "/inputs/" in key]
         # another key starts a training as usual
         fresh = client.post("/api/v3/lora_fine_tune", json=body, headers={"Idempotency-Key": "order-new"})
         assert fresh.status_code == 201 and fresh.json()["training_id"] != first["training_id"]
