@@ -213,11 +213,7 @@ class Stack:
                 del self.processes[index]
                 self.commands.pop(name, None)
                 _signal_group(proc, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    _signal_group(proc, signal.SIGKILL)
-                    proc.wait()
+                _reap(name, proc, time.monotonic() + STOP_GRACE_S)
                 return
 
     def stop(self) -> None:
@@ -228,16 +224,21 @@ class Stack:
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for name, proc in reversed(self.processes):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", name)
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
+            _reap(name, proc, deadline)
         for proc in self.old_groups:
             _signal_group(proc, signal.SIGKILL)
         self.processes.clear()
         self.old_groups.clear()
+
+
+def _reap(name: str, proc: subprocess.Popen, deadline: float) -> None:
+    """Wait for a signalled service until ``deadline``; SIGKILL its group if it is still there."""
+    try:
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop in time; killing it", name)
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from gatedreceiver import gated_receiver
 from prefectruns import read_flow_run, start_deployment_run, state_history
 from stackserver import KEYS, RunningStack, data_uri
 
@@ -97,20 +96,6 @@ def test_crash_recovery_counts_attempts_not_crash_reports() -> None:
     assert attempts([S.SCHEDULED]) == 0
 
 
-class HangingReceiver(BaseHTTPRequestHandler):
-    """A client's webhook endpoint that takes every delivery and answers none until the test lets it."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        self.server.arrived.append(body["training_status"])  # type: ignore[attr-defined]
-        self.server.gate.wait(120)  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_a_webhook_receiver_that_is_down_does_not_affect_the_training(stack: RunningStack, photos: list[Path]) -> None:
     from s3server import free_ports
 
@@ -129,29 +114,23 @@ def test_a_receiver_that_hangs_holds_up_neither_the_training_nor_its_later_deliv
     """Each delivery to it times out (5 s) and is retried three times: about 24 s per status change.
     Delivered inline, the pipeline waited for each of its eight; delivered beside it, the model is
     ready while the receiver still holds the first ones, and the rest follow in order once it answers."""
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), HangingReceiver)
-    receiver.arrived, receiver.gate = [], threading.Event()  # type: ignore[attr-defined]
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
+    with gated_receiver() as receiver:
         with stack.client() as client:
             created = client.post("/api/sandbox/v3/fine_tune", json={
                 "key": KEYS[0], "instance_prompt": "photo of sks person", "images": [data_uri(photos[0])],
-                "webhook": f"http://127.0.0.1:{receiver.server_address[1]}/hook"}).json()
+                "webhook": receiver.url}).json()
         status, seen = stack.wait_until_done(created["training_id"], KEYS[0])
         assert status["training_status"] == "model_ready", status
-        reached = list(dict.fromkeys(receiver.arrived))  # type: ignore[attr-defined]
+        reached = list(dict.fromkeys(receiver.arrived))
         # inline, deploying_model (the status before model_ready) had to be tried before the model was published
         assert "deploying_model" not in reached and "model_ready" not in reached, (reached, seen)
-        receiver.gate.set()  # type: ignore[attr-defined]
+        receiver.gate.set()
         deadline = time.monotonic() + 60
-        while "model_ready" not in receiver.arrived and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        while "model_ready" not in receiver.arrived and time.monotonic() < deadline:
             time.sleep(0.2)
-        delivered = list(dict.fromkeys(receiver.arrived))  # type: ignore[attr-defined]
+        delivered = list(dict.fromkeys(receiver.arrived))
         assert delivered[0] == "deploying_gpu" and delivered[-1] == "model_ready", delivered
         assert set(seen) <= set(delivered), (seen, delivered)  # every status a poller saw was delivered too
-    finally:
-        receiver.gate.set()  # type: ignore[attr-defined]
-        receiver.shutdown()
 
 
 def wait_for_worker(stack: RunningStack, name: str, timeout_s: float = 90) -> None:

@@ -3,45 +3,23 @@ training nor the GPU slot, and the deliveries still arrive in the order of the s
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from gatedreceiver import GatedReceiver, gated_receiver
 
 from tasks.webhooks import DeliveryPolicy, Outbox, deliver, webhook_body
 
 
-class SlowReceiver(BaseHTTPRequestHandler):
-    """Answers each delivery only once the test opens the gate."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        server = self.server
-        server.arrived.append(body["training_status"])  # type: ignore[attr-defined]
-        server.gate.wait(30)  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowReceiver)
-    server.arrived = []  # type: ignore[attr-defined]
-    server.gate = threading.Event()  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.gate.set()  # type: ignore[attr-defined]
-    server.shutdown()
+def receiver() -> Iterator[GatedReceiver]:
+    with gated_receiver() as running:
+        yield running
 
 
-def test_posting_returns_while_the_receiver_still_holds_the_first_delivery(receiver: ThreadingHTTPServer) -> None:
-    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+def test_posting_returns_while_the_receiver_still_holds_the_first_delivery(receiver: GatedReceiver) -> None:
+    url = receiver.url
     policy = DeliveryPolicy(allow_private=True, timeout_s=30)
     outbox, failures = Outbox(), []
     statuses = ["deploying_gpu", "training_started", "training_success", "model_ready"]
@@ -50,14 +28,14 @@ def test_posting_returns_while_the_receiver_still_holds_the_first_delivery(recei
         outbox.post(lambda body=body: failures.append(deliver(url, body, None, policy)))
     # every post has returned; the receiver has the first delivery and has not answered it
     deadline = time.monotonic() + 10
-    while not receiver.arrived and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while not receiver.arrived and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert receiver.arrived == ["deploying_gpu"]  # type: ignore[attr-defined]
+    assert receiver.arrived == ["deploying_gpu"]
     assert outbox.flush(0.2) == 4  # the run would wait for them at its end, within a bound
 
-    receiver.gate.set()  # type: ignore[attr-defined]
+    receiver.gate.set()
     assert outbox.flush(30) == 0
-    assert receiver.arrived == statuses and failures == [None] * 4  # type: ignore[attr-defined]
+    assert receiver.arrived == statuses and failures == [None] * 4
 
 
 def test_a_delivery_that_raises_does_not_stop_the_ones_after_it() -> None:
